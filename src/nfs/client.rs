@@ -1,0 +1,401 @@
+//! Typed async calls for the 22 NFSv3 procedures.
+
+use nfs3_types::nfs3::{
+    ACCESS3args, COMMIT3args, CREATE3args, FSINFO3args, FSSTAT3args, GETATTR3args, LINK3args,
+    LOOKUP3args, MKDIR3args, MKNOD3args, PATHCONF3args, READ3args, READDIR3args,
+    READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args,
+    SYMLINK3args, WRITE3args, cookieverf3, createhow3, diropargs3, filename3, mknoddata3,
+    nfsstat3, nfspath3, nfstime3, sattr3, symlinkdata3,
+};
+use nfs3_types::xdr_codec::{Opaque, Pack, Void};
+
+use super::types::*;
+use crate::rpc::{Credential, Decode, RpcClient, RpcError};
+
+/// Why an NFS call did not succeed: the transport failed, or the server
+/// answered with an NFS3ERR status (keeping the failure body, e.g. wcc_data).
+#[derive(Debug, thiserror::Error)]
+pub enum Failure<F> {
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("server returned {status}")]
+    Nfs { status: nfsstat3, detail: F },
+}
+
+impl<F> Failure<F> {
+    pub fn status(&self) -> Option<nfsstat3> {
+        match self {
+            Failure::Nfs { status, .. } => Some(*status),
+            Failure::Rpc(_) => None,
+        }
+    }
+
+    /// Drops the failure body, for callers that only need the cause.
+    pub fn into_error(self) -> NfsError {
+        match self {
+            Failure::Rpc(e) => NfsError::Rpc(e),
+            Failure::Nfs { status, .. } => NfsError::Status(status),
+        }
+    }
+}
+
+/// An NFS call failure without its body.
+#[derive(Debug, thiserror::Error)]
+pub enum NfsError {
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("server returned {0}")]
+    Status(nfsstat3),
+}
+
+impl<F> From<Failure<F>> for NfsError {
+    fn from(f: Failure<F>) -> Self {
+        f.into_error()
+    }
+}
+
+pub type NfsResult<T, F> = Result<T, Failure<F>>;
+
+/// A cheap cloneable NFSv3 client over a pipelined [`RpcClient`].
+#[derive(Clone)]
+pub struct NfsClient {
+    rpc: RpcClient,
+}
+
+fn fname(name: &[u8]) -> filename3<'_> {
+    filename3(Opaque::borrowed(name))
+}
+
+fn dirop<'a>(dir: &FileHandle, name: &'a [u8]) -> diropargs3<'a> {
+    diropargs3 {
+        dir: dir.to_nfs(),
+        name: fname(name),
+    }
+}
+
+impl NfsClient {
+    pub fn new(rpc: RpcClient) -> Self {
+        Self { rpc }
+    }
+
+    pub fn rpc(&self) -> &RpcClient {
+        &self.rpc
+    }
+
+    async fn call<A: Pack, T: Decode, F: Decode>(
+        &self,
+        proc: u32,
+        cred: &Credential,
+        args: &A,
+    ) -> NfsResult<T, F> {
+        let mut r = self
+            .rpc
+            .call(NFS_PROGRAM, NFS_VERSION, proc, cred, args)
+            .await?;
+        let status = decode_status(&mut r).map_err(RpcError::from)?;
+        if status == nfsstat3::NFS3_OK {
+            Ok(T::decode(&mut r).map_err(RpcError::from)?)
+        } else {
+            let detail = F::decode(&mut r).map_err(RpcError::from)?;
+            Err(Failure::Nfs { status, detail })
+        }
+    }
+
+    pub async fn null(&self, cred: &Credential) -> Result<(), RpcError> {
+        self.rpc
+            .call(NFS_PROGRAM, NFS_VERSION, 0, cred, &Void)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn getattr(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<GetattrOk, ()> {
+        self.call(1, cred, &GETATTR3args { object: fh.to_nfs() }).await
+    }
+
+    /// SETATTR; `guard` is the ctime the object must still have (RFC 1813 §3.3.2).
+    pub async fn setattr(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+        attrs: sattr3,
+        guard: Option<NfsTime>,
+    ) -> NfsResult<SetattrOk, WccFail> {
+        let guard = match guard {
+            Some(t) => nfs3_types::nfs3::Nfs3Option::Some(nfstime3 {
+                seconds: t.seconds,
+                nseconds: t.nseconds,
+            }),
+            None => nfs3_types::nfs3::Nfs3Option::None,
+        };
+        let args = SETATTR3args {
+            object: fh.to_nfs(),
+            new_attributes: attrs,
+            guard,
+        };
+        self.call(2, cred, &args).await
+    }
+
+    pub async fn lookup(
+        &self,
+        cred: &Credential,
+        dir: &FileHandle,
+        name: &[u8],
+    ) -> NfsResult<LookupOk, AttrFail> {
+        self.call(3, cred, &LOOKUP3args { what: dirop(dir, name) }).await
+    }
+
+    pub async fn access(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+        access: u32,
+    ) -> NfsResult<AccessOk, AttrFail> {
+        let args = ACCESS3args {
+            object: fh.to_nfs(),
+            access,
+        };
+        self.call(4, cred, &args).await
+    }
+
+    pub async fn readlink(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<ReadlinkOk, AttrFail> {
+        self.call(5, cred, &READLINK3args { symlink: fh.to_nfs() }).await
+    }
+
+    pub async fn read(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+        offset: u64,
+        count: u32,
+    ) -> NfsResult<ReadOk, AttrFail> {
+        let args = READ3args {
+            file: fh.to_nfs(),
+            offset,
+            count,
+        };
+        self.call(6, cred, &args).await
+    }
+
+    /// WRITE. `data` is encoded straight into the call record: one copy.
+    pub async fn write(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+        offset: u64,
+        data: &[u8],
+        stable: StableHow,
+    ) -> NfsResult<WriteOk, WccFail> {
+        let args = WRITE3args {
+            file: fh.to_nfs(),
+            offset,
+            count: data.len() as u32,
+            stable: stable.to_nfs(),
+            data: Opaque::borrowed(data),
+        };
+        self.call(7, cred, &args).await
+    }
+
+    pub async fn create(
+        &self,
+        cred: &Credential,
+        dir: &FileHandle,
+        name: &[u8],
+        how: createhow3,
+    ) -> NfsResult<CreatedOk, WccFail> {
+        let args = CREATE3args {
+            where_: dirop(dir, name),
+            how,
+        };
+        self.call(8, cred, &args).await
+    }
+
+    pub async fn mkdir(
+        &self,
+        cred: &Credential,
+        dir: &FileHandle,
+        name: &[u8],
+        attrs: sattr3,
+    ) -> NfsResult<CreatedOk, WccFail> {
+        let args = MKDIR3args {
+            where_: dirop(dir, name),
+            attributes: attrs,
+        };
+        self.call(9, cred, &args).await
+    }
+
+    pub async fn symlink(
+        &self,
+        cred: &Credential,
+        dir: &FileHandle,
+        name: &[u8],
+        target: &[u8],
+        attrs: sattr3,
+    ) -> NfsResult<CreatedOk, WccFail> {
+        let args = SYMLINK3args {
+            where_: dirop(dir, name),
+            symlink: symlinkdata3 {
+                symlink_attributes: attrs,
+                symlink_data: nfspath3(Opaque::borrowed(target)),
+            },
+        };
+        self.call(10, cred, &args).await
+    }
+
+    pub async fn mknod(
+        &self,
+        cred: &Credential,
+        dir: &FileHandle,
+        name: &[u8],
+        what: mknoddata3,
+    ) -> NfsResult<CreatedOk, WccFail> {
+        let args = MKNOD3args {
+            where_: dirop(dir, name),
+            what,
+        };
+        self.call(11, cred, &args).await
+    }
+
+    pub async fn remove(&self, cred: &Credential, dir: &FileHandle, name: &[u8]) -> NfsResult<RemoveOk, WccFail> {
+        self.call(12, cred, &REMOVE3args { object: dirop(dir, name) }).await
+    }
+
+    pub async fn rmdir(&self, cred: &Credential, dir: &FileHandle, name: &[u8]) -> NfsResult<RemoveOk, WccFail> {
+        self.call(13, cred, &RMDIR3args { object: dirop(dir, name) }).await
+    }
+
+    pub async fn rename(
+        &self,
+        cred: &Credential,
+        from_dir: &FileHandle,
+        from: &[u8],
+        to_dir: &FileHandle,
+        to: &[u8],
+    ) -> NfsResult<RenameOk, RenameFail> {
+        let args = RENAME3args {
+            from: dirop(from_dir, from),
+            to: dirop(to_dir, to),
+        };
+        self.call(14, cred, &args).await
+    }
+
+    pub async fn link(
+        &self,
+        cred: &Credential,
+        file: &FileHandle,
+        dir: &FileHandle,
+        name: &[u8],
+    ) -> NfsResult<LinkOk, LinkFail> {
+        let args = LINK3args {
+            file: file.to_nfs(),
+            link: dirop(dir, name),
+        };
+        self.call(15, cred, &args).await
+    }
+
+    pub async fn readdir(
+        &self,
+        cred: &Credential,
+        dir: &FileHandle,
+        cookie: u64,
+        cookieverf: CookieVerf,
+        count: u32,
+    ) -> NfsResult<ReaddirOk, AttrFail> {
+        let args = READDIR3args {
+            dir: dir.to_nfs(),
+            cookie,
+            cookieverf: cookieverf3(cookieverf.0),
+            count,
+        };
+        self.call(16, cred, &args).await
+    }
+
+    pub async fn readdirplus(
+        &self,
+        cred: &Credential,
+        dir: &FileHandle,
+        cookie: u64,
+        cookieverf: CookieVerf,
+        dircount: u32,
+        maxcount: u32,
+    ) -> NfsResult<ReaddirplusOk, AttrFail> {
+        let args = READDIRPLUS3args {
+            dir: dir.to_nfs(),
+            cookie,
+            cookieverf: cookieverf3(cookieverf.0),
+            dircount,
+            maxcount,
+        };
+        self.call(17, cred, &args).await
+    }
+
+    pub async fn fsstat(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<FsstatOk, AttrFail> {
+        self.call(18, cred, &FSSTAT3args { fsroot: fh.to_nfs() }).await
+    }
+
+    pub async fn fsinfo(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<FsinfoOk, AttrFail> {
+        self.call(19, cred, &FSINFO3args { fsroot: fh.to_nfs() }).await
+    }
+
+    pub async fn pathconf(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<PathconfOk, AttrFail> {
+        self.call(20, cred, &PATHCONF3args { object: fh.to_nfs() }).await
+    }
+
+    /// COMMIT `count` bytes from `offset`; (0, 0) commits the whole file.
+    pub async fn commit(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+        offset: u64,
+        count: u32,
+    ) -> NfsResult<CommitOk, WccFail> {
+        let args = COMMIT3args {
+            file: fh.to_nfs(),
+            offset,
+            count,
+        };
+        self.call(21, cred, &args).await
+    }
+}
+
+/// Builds a `sattr3` that changes nothing; callers set the fields they need.
+pub fn sattr_none() -> sattr3 {
+    sattr3::default()
+}
+
+/// Helper for `sattr3` mode-only changes (MKDIR, CREATE).
+pub fn sattr_mode(mode: u32) -> sattr3 {
+    sattr3 {
+        mode: nfs3_types::nfs3::Nfs3Option::Some(mode),
+        ..Default::default()
+    }
+}
+
+/// Reads a whole READDIRPLUS listing, following cookies; for tools and tests.
+pub async fn readdirplus_all(
+    nfs: &NfsClient,
+    cred: &Credential,
+    dir: &FileHandle,
+    maxcount: u32,
+) -> Result<Vec<DirEntryPlus>, NfsError> {
+    let mut out = Vec::new();
+    let mut cookie = 0;
+    let mut verf = CookieVerf::default();
+    loop {
+        let page = nfs
+            .readdirplus(cred, dir, cookie, verf, maxcount / 4, maxcount)
+            .await?;
+        verf = page.cookieverf;
+        if let Some(last) = page.entries.last() {
+            cookie = last.cookie;
+        }
+        let empty = page.entries.is_empty();
+        out.extend(page.entries);
+        if page.eof {
+            return Ok(out);
+        }
+        if empty {
+            // A server that returns no entries and no EOF would loop us forever.
+            return Err(NfsError::Status(nfsstat3::NFS3ERR_SERVERFAULT));
+        }
+    }
+}

@@ -1,0 +1,612 @@
+//! The pipelined RPC transport.
+//!
+//! Shaped like tokio-postgres' `Client`/`Connection` split: [`RpcClient`] is a
+//! cheap cloneable handle; each of its `nconnect` connections is driven by one
+//! task that owns the write half (and reconnects), plus a reader task that
+//! reassembles records and routes replies to callers by XID. Calls keep their
+//! encoded payload until answered, so after a reconnect every outstanding call
+//! is sent again with the same XID and the server's duplicate-request cache
+//! can recognise it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use nfs3_types::xdr_codec::Pack;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::record::RecordDecoder;
+use super::{Credential, RpcError, XdrReader, parse_reply};
+
+/// Linux caps the retransmit timeout at 600 s; so do we.
+const MAX_TIMEO: Duration = Duration::from_secs(600);
+/// Reserved ports the kernel client uses by default (sunrpc min/max_resvport).
+const RESVPORT_MIN: u16 = 665;
+const RESVPORT_MAX: u16 = 1023;
+
+#[derive(Debug, Clone)]
+pub struct RpcConfig {
+    /// Time to wait for a reply before retransmitting (nfs `timeo`).
+    pub timeo: Duration,
+    /// Retransmissions before a soft call fails or a hard call reports the
+    /// server as not responding and reconnects (nfs `retrans`).
+    pub retrans: u32,
+    /// Retry forever (`hard`) or fail with a timeout (`soft`).
+    pub hard: bool,
+    /// Number of TCP connections to spread calls over (nfs `nconnect`).
+    pub nconnect: usize,
+    /// Bind a source port below 1024 when running as root (nfs `resvport`).
+    pub resvport: bool,
+    /// Calls in flight per connection before callers wait.
+    pub max_in_flight: usize,
+    /// Largest reply record accepted; anything longer resets the connection.
+    pub max_record: usize,
+    /// Largest record fragment we send; bigger calls are split.
+    pub max_send_fragment: usize,
+    pub connect_timeout: Duration,
+    /// Fail outstanding calls at once when a connection attempt fails,
+    /// instead of retrying. For one-shot work (the mount handshake, the CSI
+    /// controller) where "connection refused" should be reported, not waited out.
+    pub fail_fast_connect: bool,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        Self {
+            timeo: Duration::from_secs(60),
+            retrans: 2,
+            hard: true,
+            nconnect: 1,
+            resvport: true,
+            max_in_flight: 128,
+            max_record: (4 << 20) + (64 << 10),
+            max_send_fragment: 4 << 20,
+            connect_timeout: Duration::from_secs(10),
+            fail_fast_connect: false,
+        }
+    }
+}
+
+/// A cloneable handle to a pipelined RPC client for one server address.
+#[derive(Clone)]
+pub struct RpcClient {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    addr: SocketAddr,
+    cfg: RpcConfig,
+    conns: Vec<Conn>,
+    next_conn: AtomicUsize,
+    next_xid: AtomicU32,
+}
+
+struct Conn {
+    shared: Arc<ConnShared>,
+    tx: mpsc::UnboundedSender<u32>,
+    window: Arc<Semaphore>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Pending {
+    payload: Bytes,
+    reply: Option<oneshot::Sender<Result<Bytes, RpcError>>>,
+    /// Connection generation this call was last written on (0: never).
+    sent_gen: u64,
+    /// Write again even if already written on this generation (a retransmit).
+    force: bool,
+}
+
+struct ConnShared {
+    addr: SocketAddr,
+    pending: Mutex<HashMap<u32, Pending>>,
+    reconnect: Notify,
+    local_addr: Mutex<Option<SocketAddr>>,
+    stats: ConnStats,
+}
+
+/// Counters a test or an operator can read to see what the transport did.
+#[derive(Default, Debug)]
+pub struct ConnStats {
+    pub connects: AtomicU64,
+    pub calls_sent: AtomicU64,
+    pub retransmits: AtomicU64,
+    pub replies: AtomicU64,
+    /// Most calls ever outstanding at once on one connection.
+    pub max_outstanding: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub connects: u64,
+    pub calls_sent: u64,
+    pub retransmits: u64,
+    pub replies: u64,
+    pub max_outstanding: u64,
+}
+
+impl RpcClient {
+    /// Creates a client; connections are opened lazily on the first call.
+    /// Must be called inside a tokio runtime.
+    pub fn new(addr: SocketAddr, cfg: RpcConfig) -> Self {
+        let n = cfg.nconnect.clamp(1, 16);
+        let conns = (0..n)
+            .map(|_| {
+                let shared = Arc::new(ConnShared {
+                    addr,
+                    pending: Mutex::new(HashMap::new()),
+                    reconnect: Notify::new(),
+                    local_addr: Mutex::new(None),
+                    stats: ConnStats::default(),
+                });
+                let (tx, rx) = mpsc::unbounded_channel();
+                let task = tokio::spawn(drive_connection(shared.clone(), rx, cfg.clone()));
+                Conn {
+                    shared,
+                    tx,
+                    window: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+                    task,
+                }
+            })
+            .collect();
+        Self {
+            inner: Arc::new(ClientInner {
+                addr,
+                cfg,
+                conns,
+                next_conn: AtomicUsize::new(0),
+                next_xid: AtomicU32::new(rand::random()),
+            }),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    pub fn config(&self) -> &RpcConfig {
+        &self.inner.cfg
+    }
+
+    /// Local addresses of the currently connected sockets.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.inner
+            .conns
+            .iter()
+            .filter_map(|c| *c.shared.local_addr.lock())
+            .collect()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let mut s = StatsSnapshot::default();
+        for c in &self.inner.conns {
+            s.connects += c.shared.stats.connects.load(Ordering::Relaxed);
+            s.calls_sent += c.shared.stats.calls_sent.load(Ordering::Relaxed);
+            s.retransmits += c.shared.stats.retransmits.load(Ordering::Relaxed);
+            s.replies += c.shared.stats.replies.load(Ordering::Relaxed);
+            s.max_outstanding = s
+                .max_outstanding
+                .max(c.shared.stats.max_outstanding.load(Ordering::Relaxed));
+        }
+        s
+    }
+
+    /// Sends one call and waits for its reply, retransmitting per the config.
+    /// Returns a reader positioned at the procedure's results.
+    pub async fn call<A: Pack>(
+        &self,
+        prog: u32,
+        vers: u32,
+        proc: u32,
+        cred: &Credential,
+        args: &A,
+    ) -> Result<XdrReader, RpcError> {
+        let xid = self.inner.next_xid.fetch_add(1, Ordering::Relaxed);
+        let mut payload = Vec::with_capacity(64 + args.packed_size());
+        payload.put_u32(xid);
+        payload.put_u32(0); // CALL
+        payload.put_u32(2); // RPC version
+        payload.put_u32(prog);
+        payload.put_u32(vers);
+        payload.put_u32(proc);
+        cred.encode(&mut payload);
+        args.pack(&mut payload)
+            .map_err(|e| RpcError::GarbageArgs {
+                what: format!("program {prog} procedure {proc} (cannot encode: {e})"),
+            })?;
+        let record = self
+            .call_raw(xid, Bytes::from(payload), || {
+                format!("program {prog} v{vers} procedure {proc}")
+            })
+            .await?;
+        parse_reply(record, prog, vers, proc)
+    }
+
+    async fn call_raw(
+        &self,
+        xid: u32,
+        payload: Bytes,
+        what: impl Fn() -> String,
+    ) -> Result<Bytes, RpcError> {
+        let inner = &*self.inner;
+        let idx = inner.next_conn.fetch_add(1, Ordering::Relaxed) % inner.conns.len();
+        let conn = &inner.conns[idx];
+        let _permit = conn
+            .window
+            .acquire()
+            .await
+            .map_err(|_| RpcError::Shutdown)?;
+        let (tx, mut rx) = oneshot::channel();
+        let outstanding = {
+            let mut pending = conn.shared.pending.lock();
+            pending.insert(
+                xid,
+                Pending {
+                    payload,
+                    reply: Some(tx),
+                    sent_gen: 0,
+                    force: false,
+                },
+            );
+            pending.len() as u64
+        };
+        conn.shared
+            .stats
+            .max_outstanding
+            .fetch_max(outstanding, Ordering::Relaxed);
+        // Forget the call if our caller gives up (timeout, FUSE interrupt).
+        let _guard = PendingGuard {
+            shared: &conn.shared,
+            xid,
+        };
+        conn.tx.send(xid).map_err(|_| RpcError::Shutdown)?;
+
+        let cfg = &inner.cfg;
+        let start = Instant::now();
+        let mut timeo = cfg.timeo;
+        let mut timeouts = 0u32;
+        let mut reported = false;
+        loop {
+            match tokio::time::timeout(timeo, &mut rx).await {
+                Ok(Ok(result)) => {
+                    if reported {
+                        info!(server = %inner.addr, "server OK");
+                    }
+                    return result;
+                }
+                Ok(Err(_)) => return Err(RpcError::Shutdown),
+                Err(_) => {
+                    timeouts += 1;
+                    let major = timeouts % (cfg.retrans + 1) == 0;
+                    if !cfg.hard && timeouts >= cfg.retrans.max(1) {
+                        conn.shared.reconnect.notify_one();
+                        return Err(RpcError::TimedOut {
+                            addr: inner.addr,
+                            what: what(),
+                            after: start.elapsed(),
+                        });
+                    }
+                    if major {
+                        if !reported {
+                            warn!(server = %inner.addr, call = %what(), "server not responding, still trying");
+                            reported = true;
+                        }
+                        conn.shared.reconnect.notify_one();
+                    } else {
+                        if let Some(p) = conn.shared.pending.lock().get_mut(&xid) {
+                            p.force = true;
+                        }
+                        conn.shared.stats.retransmits.fetch_add(1, Ordering::Relaxed);
+                        let _ = conn.tx.send(xid);
+                    }
+                    if cfg.hard {
+                        timeo = (timeo + cfg.timeo).min(MAX_TIMEO);
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct PendingGuard<'a> {
+    shared: &'a ConnShared,
+    xid: u32,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.lock().remove(&self.xid);
+    }
+}
+
+enum ConnEnd {
+    Shutdown,
+    Failed(String),
+}
+
+async fn drive_connection(
+    shared: Arc<ConnShared>,
+    mut rx: mpsc::UnboundedReceiver<u32>,
+    cfg: RpcConfig,
+) {
+    let mut generation = 0u64;
+    let mut backoff = Duration::from_millis(50);
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        // Connect lazily: an idle client holds no socket open and a dead
+        // server costs nothing until someone calls.
+        if shared.pending.lock().is_empty() {
+            match rx.recv().await {
+                None => return,
+                Some(_) => {} // covered by the resend of all pending calls below
+            }
+        }
+        let stream = match connect(shared.addr, &cfg).await {
+            Ok(s) => s,
+            Err(e) if cfg.fail_fast_connect => {
+                let waiters: Vec<_> = shared
+                    .pending
+                    .lock()
+                    .drain()
+                    .filter_map(|(_, mut p)| p.reply.take())
+                    .collect();
+                for tx in waiters {
+                    let _ = tx.send(Err(RpcError::Connect {
+                        addr: shared.addr,
+                        source: std::io::Error::new(e.kind(), e.to_string()),
+                    }));
+                }
+                continue;
+            }
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < backoff * 2 {
+                    debug!(server = %shared.addr, error = %e, "connect failed");
+                } else {
+                    warn!(server = %shared.addr, error = %e, "connect failed, retrying");
+                }
+                if !sleep_or_shutdown(&mut rx, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(3));
+                continue;
+            }
+        };
+        failing_since = None;
+        generation += 1;
+        shared.stats.connects.fetch_add(1, Ordering::Relaxed);
+        *shared.local_addr.lock() = stream.local_addr().ok();
+        debug!(server = %shared.addr, local = ?stream.local_addr().ok(), generation, "connected");
+        let opened = Instant::now();
+        let (rd, wr) = stream.into_split();
+        let mut reader = tokio::spawn(read_replies(rd, shared.clone(), cfg.max_record));
+        let end = serve_connection(&shared, &mut rx, wr, &mut reader, generation, &cfg).await;
+        reader.abort();
+        *shared.local_addr.lock() = None;
+        match end {
+            ConnEnd::Shutdown => return,
+            ConnEnd::Failed(why) => {
+                warn!(server = %shared.addr, reason = %why, "connection lost, reconnecting");
+                // A server that accepts and then drops us at once must not
+                // turn into a busy loop.
+                if opened.elapsed() > Duration::from_secs(5) {
+                    backoff = Duration::from_millis(50);
+                }
+                if !sleep_or_shutdown(&mut rx, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(3));
+            }
+        }
+    }
+}
+
+/// Sleeps for `d`, draining queued send requests (they will be covered by the
+/// resend after reconnecting). Returns false if the client was dropped.
+async fn sleep_or_shutdown(rx: &mut mpsc::UnboundedReceiver<u32>, d: Duration) -> bool {
+    let sleep = tokio::time::sleep(d);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return true,
+            m = rx.recv() => if m.is_none() { return false },
+        }
+    }
+}
+
+async fn serve_connection(
+    shared: &ConnShared,
+    rx: &mut mpsc::UnboundedReceiver<u32>,
+    wr: OwnedWriteHalf,
+    reader: &mut JoinHandle<String>,
+    generation: u64,
+    cfg: &RpcConfig,
+) -> ConnEnd {
+    let mut wr = BufWriter::with_capacity(64 << 10, wr);
+    let mut outstanding: Vec<u32> = shared.pending.lock().keys().copied().collect();
+    outstanding.sort_unstable();
+    let frag = cfg.max_send_fragment;
+    let resend = async {
+        for xid in outstanding {
+            write_call(&mut wr, shared, xid, generation, frag).await?;
+        }
+        wr.flush().await
+    };
+    tokio::select! {
+        r = resend => if let Err(e) = r { return ConnEnd::Failed(e.to_string()) },
+        r = &mut *reader => return ConnEnd::Failed(reader_end(r)),
+    }
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut *reader => return ConnEnd::Failed(reader_end(r)),
+            _ = shared.reconnect.notified() => return ConnEnd::Failed("server not responding".into()),
+            m = rx.recv() => {
+                let Some(xid) = m else { return ConnEnd::Shutdown };
+                let batch = async {
+                    write_call(&mut wr, shared, xid, generation, frag).await?;
+                    while let Ok(xid) = rx.try_recv() {
+                        write_call(&mut wr, shared, xid, generation, frag).await?;
+                    }
+                    wr.flush().await
+                };
+                // A write can block forever on a black-holed peer; a reconnect
+                // request or the reader's death must still get through.
+                tokio::select! {
+                    r = batch => if let Err(e) = r { return ConnEnd::Failed(e.to_string()) },
+                    r = &mut *reader => return ConnEnd::Failed(reader_end(r)),
+                    _ = shared.reconnect.notified() => return ConnEnd::Failed("server not responding".into()),
+                }
+            }
+        }
+    }
+}
+
+fn reader_end(r: Result<String, tokio::task::JoinError>) -> String {
+    r.unwrap_or_else(|e| format!("reader task ended: {e}"))
+}
+
+async fn write_call(
+    wr: &mut BufWriter<OwnedWriteHalf>,
+    shared: &ConnShared,
+    xid: u32,
+    generation: u64,
+    max_fragment: usize,
+) -> std::io::Result<()> {
+    let payload = {
+        let mut pending = shared.pending.lock();
+        let Some(p) = pending.get_mut(&xid) else {
+            return Ok(()); // answered or abandoned meanwhile
+        };
+        if p.sent_gen == generation && !p.force {
+            return Ok(());
+        }
+        p.sent_gen = generation;
+        p.force = false;
+        p.payload.clone()
+    };
+    shared.stats.calls_sent.fetch_add(1, Ordering::Relaxed);
+    // Record marks are written around slices of the payload, so splitting a
+    // large call into fragments costs no copy.
+    let mut chunks = payload.chunks(max_fragment.max(1)).peekable();
+    if chunks.peek().is_none() {
+        return wr.write_all(&0x8000_0000u32.to_be_bytes()).await;
+    }
+    while let Some(chunk) = chunks.next() {
+        let mut header = chunk.len() as u32;
+        if chunks.peek().is_none() {
+            header |= 0x8000_0000;
+        }
+        wr.write_all(&header.to_be_bytes()).await?;
+        wr.write_all(chunk).await?;
+    }
+    Ok(())
+}
+
+/// Reads reply records and hands each to the caller waiting on its XID.
+/// Returns why the connection ended; never spins on EOF.
+async fn read_replies(mut rd: OwnedReadHalf, shared: Arc<ConnShared>, max_record: usize) -> String {
+    let mut buf = BytesMut::with_capacity(256 << 10);
+    let mut decoder = RecordDecoder::new(max_record);
+    loop {
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(record)) => route_reply(&shared, record),
+                Ok(None) => break,
+                Err(e) => return e.to_string(),
+            }
+        }
+        if buf.capacity() - buf.len() < (32 << 10) {
+            buf.reserve(256 << 10);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return "server closed the connection".into(),
+            Ok(_) => {}
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+fn route_reply(shared: &ConnShared, record: Bytes) {
+    if record.len() < 4 {
+        debug!(server = %shared.addr, "ignoring a reply record shorter than an XID");
+        return;
+    }
+    let xid = u32::from_be_bytes([record[0], record[1], record[2], record[3]]);
+    let waiter = shared.pending.lock().remove(&xid).and_then(|mut p| p.reply.take());
+    match waiter {
+        Some(tx) => {
+            shared.stats.replies.fetch_add(1, Ordering::Relaxed);
+            let _ = tx.send(Ok(record));
+        }
+        None => debug!(server = %shared.addr, xid, "reply for an unknown or abandoned XID"),
+    }
+}
+
+async fn connect(addr: SocketAddr, cfg: &RpcConfig) -> std::io::Result<TcpStream> {
+    let privileged = cfg.resvport && nix::unistd::geteuid().is_root();
+    let fut = async {
+        if !privileged {
+            return TcpStream::connect(addr).await;
+        }
+        let span = (RESVPORT_MAX - RESVPORT_MIN + 1) as u32;
+        let start = rand::random::<u32>() % span;
+        let mut last_err = None;
+        for i in 0..span {
+            let port = RESVPORT_MIN + ((start + i) % span) as u16;
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            let local: SocketAddr = if addr.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+            };
+            if let Err(e) = socket.bind(local) {
+                last_err = Some(e);
+                continue;
+            }
+            match socket.connect(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                    ) =>
+                {
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| std::io::Error::other("no reserved port free")))
+    };
+    let stream = tokio::time::timeout(cfg.connect_timeout, fut)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", cfg.connect_timeout),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

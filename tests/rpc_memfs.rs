@@ -1,0 +1,128 @@
+//! The transport against nfs3_server in-process, which answers out of order.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use csi_nfs_fuse::nfs::StableHow;
+use csi_nfs_fuse::rpc::RpcConfig;
+use nfs3_server::memfs::MemFsConfig;
+
+fn block(i: usize) -> Vec<u8> {
+    (0..4096).map(|j| ((i * 31 + j * 7) % 251) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_on_one_connection_get_their_own_bytes() {
+    let mut cfg = MemFsConfig::default();
+    let content: Vec<u8> = (0..256).flat_map(block).collect();
+    cfg.add_file("/data.bin", content);
+    let port = start_memfs(cfg).await;
+    let rpc = RpcConfig {
+        nconnect: 1,
+        max_in_flight: 256,
+        ..Default::default()
+    };
+    let s = mount_memfs(port, rpc).await;
+    let cred = root_cred();
+    let fh = s.nfs.lookup(&cred, &s.root, b"data.bin").await.unwrap().fh;
+
+    let mut tasks = Vec::new();
+    for i in (0..256).rev() {
+        let nfs = s.nfs.clone();
+        let fh = fh.clone();
+        let cred = cred.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = nfs.read(&cred, &fh, (i * 4096) as u64, 4096).await.unwrap();
+            (i, r.data)
+        }));
+    }
+    for t in tasks {
+        let (i, data) = t.await.unwrap();
+        assert_eq!(&data[..], &block(i)[..], "block {i} got someone else's bytes");
+    }
+    let stats = s.nfs.rpc().stats();
+    assert_eq!(stats.connects, 1, "all calls on one connection");
+    assert!(stats.replies >= 256);
+    assert!(
+        stats.max_outstanding > 16,
+        "calls were not pipelined: at most {} outstanding",
+        stats.max_outstanding
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_fragment_calls_and_nconnect_round_trip() {
+    let mut cfg = MemFsConfig::default();
+    for k in 0..8 {
+        cfg.add_file(&format!("/w{k}.bin"), Vec::new());
+    }
+    let port = start_memfs(cfg).await;
+    let rpc = RpcConfig {
+        nconnect: 4,
+        max_send_fragment: 1000,
+        ..Default::default()
+    };
+    let s = mount_memfs(port, rpc).await;
+    let cred = root_cred();
+    let mut fhs = Vec::new();
+    for k in 0..8 {
+        let name = format!("w{k}.bin");
+        fhs.push(s.nfs.lookup(&cred, &s.root, name.as_bytes()).await.unwrap().fh);
+    }
+    let payload: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
+    let mut tasks = Vec::new();
+    // memfs refuses writes past EOF, so each task writes its own file.
+    for k in 0..8u64 {
+        let nfs = s.nfs.clone();
+        let fh = fhs[k as usize].clone();
+        let cred = cred.clone();
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let w = nfs
+                .write(&cred, &fh, 0, &payload, StableHow::Unstable)
+                .await
+                .unwrap();
+            assert_eq!(w.count, 65536);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for fh in &fhs {
+        s.nfs.commit(&cred, fh, 0, 0).await.unwrap();
+        let r = s.nfs.read(&cred, fh, 0, 65536).await.unwrap();
+        assert_eq!(&r.data[..], &payload[..]);
+    }
+    let stats = s.nfs.rpc().stats();
+    assert_eq!(stats.connects, 4, "calls spread over all four connections");
+    assert_eq!(s.nfs.rpc().local_addrs().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_export_and_closed_port_fail_fast_with_clear_errors() {
+    let port = start_memfs(MemFsConfig::default()).await;
+    let cfg = memfs_config(port, RpcConfig::default());
+    let err = csi_nfs_fuse::nfs::session::connect("127.0.0.1", "/no/such/export", &cfg, &root_cred())
+        .await
+        .err()
+        .expect("mount of a missing export must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("/no/such/export") && msg.contains("127.0.0.1"), "{msg}");
+
+    // A closed loopback port: connection refused, reported at once.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = memfs_config(closed, RpcConfig::default());
+    let start = std::time::Instant::now();
+    let err = csi_nfs_fuse::nfs::session::connect("127.0.0.1", "/", &cfg, &root_cred())
+        .await
+        .err()
+        .expect("closed port must fail");
+    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    let msg = err.to_string();
+    assert!(msg.contains("refused"), "{msg}");
+}
