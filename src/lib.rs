@@ -1,5 +1,8 @@
 //! csi-nfs-fuse: NFSv3 volumes for Docker Swarm through a userspace FUSE client.
 
+pub mod fs;
+pub mod fuse;
+pub mod mount;
 pub mod nfs;
 pub mod options;
 pub mod rpc;

@@ -1,3 +1,84 @@
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use csi_nfs_fuse::mount::{self, MountRequest};
+
+#[derive(Parser)]
+#[command(name = "csi-nfs-fuse", version, about = "NFSv3 volumes through a userspace FUSE client, and a Docker Swarm CSI plugin")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount an NFSv3 export: nfs://SERVER[:PORT]/EXPORT[/SUBDIR] or SERVER:/EXPORT.
+    Mount {
+        source: String,
+        mountpoint: PathBuf,
+        /// Mount options, comma separated (nfs(5) names plus uid=, gid=, allow_other, cache_size=, fsname=, debug).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Stay in the foreground (the default for this subcommand).
+        #[arg(short = 'f', long, conflicts_with = "daemon")]
+        foreground: bool,
+        /// Detach once the mount is live, as a mount helper does.
+        #[arg(long)]
+        daemon: bool,
+        /// Write "OK" (or "ERR reason") to this descriptor when the mount is live.
+        #[arg(long, value_name = "FD")]
+        ready_fd: Option<i32>,
+    },
+}
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CSI_NFS_FUSE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// `mount -t fuse.csi-nfs-fuse SRC DIR -o OPTS` runs us as
+/// `mount.fuse.csi-nfs-fuse SRC DIR -o OPTS`: treat that as `mount --daemon`.
+fn helper_args() -> Vec<String> {
+    let mut args: Vec<String> = std::env::args().collect();
+    let argv0 = std::path::Path::new(&args[0])
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if argv0.starts_with("mount.") {
+        args[0] = "csi-nfs-fuse".into();
+        args.insert(1, "mount".into());
+        args.push("--daemon".into());
+    }
+    args
+}
+
 fn main() {
-    println!("csi-nfs-fuse");
+    let cli = Cli::parse_from(helper_args());
+    let result = match cli.cmd {
+        Cmd::Mount {
+            source,
+            mountpoint,
+            options,
+            foreground: _,
+            daemon,
+            ready_fd,
+        } => (|| {
+            let (source, mountpoint, options) = mount::prepare(&source, &mountpoint, &options)?;
+            init_logging(options.debug);
+            let req = MountRequest {
+                source,
+                mountpoint,
+                options,
+                ready_fd,
+            };
+            if daemon { mount::daemonize_and_run(req) } else { mount::run(req) }
+        })(),
+    };
+    if let Err(e) = result {
+        eprintln!("csi-nfs-fuse: {e:#}");
+        std::process::exit(1);
+    }
 }

@@ -1,0 +1,895 @@
+//! The filesystem core: NFSv3 semantics behind a FUSE-shaped API, with no
+//! fuser types, so tests drive it in-process without mounting.
+
+pub mod errno;
+pub mod inode;
+pub mod writeback;
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::try_join_all;
+use nfs3_types::nfs3::{
+    Nfs3Option, createhow3, createverf3, devicedata3, mknoddata3, nfstime3, sattr3,
+    set_atime, set_mtime, specdata3,
+};
+use parking_lot::Mutex;
+
+pub use errno::FsError;
+pub use inode::{AttrTimeouts, ROOT_INO};
+
+use crate::nfs::client::sattr_mode;
+use crate::nfs::{
+    CookieVerf, CreatedOk, Fattr, FileHandle, FileType, NfsClient, NfsSession, Wcc,
+};
+use crate::options::{LookupCache, MountOptions};
+use crate::rpc::{AuthSys, Credential};
+use inode::InodeTable;
+use writeback::WriteBack;
+
+const NAME_MAX: usize = 255;
+
+/// Who is asking: FUSE's request header.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Caller {
+    pub fn root() -> Self {
+        Self { uid: 0, gid: 0, pid: 0 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    pub timeouts: AttrTimeouts,
+    pub lookupcache: LookupCache,
+    pub read_only: bool,
+    pub force_uid: Option<u32>,
+    pub force_gid: Option<u32>,
+    pub cto: bool,
+    pub rdirplus: bool,
+    pub dirty_limit: usize,
+    pub machine_name: Arc<str>,
+}
+
+impl FsConfig {
+    pub fn from_options(o: &MountOptions) -> Self {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        Self {
+            timeouts: AttrTimeouts {
+                regmin: o.acregmin,
+                regmax: o.acregmax,
+                dirmin: o.acdirmin,
+                dirmax: o.acdirmax,
+            },
+            lookupcache: o.lookupcache,
+            read_only: o.read_only,
+            force_uid: o.uid,
+            force_gid: o.gid,
+            cto: o.cto,
+            rdirplus: o.rdirplus,
+            dirty_limit: (o.cache_size / 4).clamp(8 << 20, 256 << 20) as usize,
+            machine_name: host.into(),
+        }
+    }
+}
+
+/// A directory entry handed to the kernel.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub ino: u64,
+    pub generation: u64,
+    pub attr: Fattr,
+    pub entry_ttl: Duration,
+    pub attr_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    pub fh: u64,
+    /// The cached data is still valid: the kernel may keep its page cache.
+    pub keep_cache: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum TimeSet {
+    Now,
+    At(SystemTime),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirItem {
+    pub ino: u64,
+    pub name: Bytes,
+    pub kind: FileType,
+    /// Offset (NFS cookie) to continue after this entry.
+    pub offset: u64,
+    /// Attributes and handle, for READDIRPLUS.
+    pub entry: Option<Entry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+struct DirStream {
+    ino: u64,
+    verf: CookieVerf,
+    page: Vec<DirItem>,
+    eof: bool,
+}
+
+pub struct NfsFs {
+    nfs: NfsClient,
+    session: NfsSession,
+    cfg: FsConfig,
+    inodes: Arc<InodeTable>,
+    writeback: Arc<WriteBack>,
+    files: Mutex<HashMap<u64, u64>>,
+    dirs: Mutex<HashMap<u64, DirStream>>,
+    next_handle: AtomicU64,
+    open_files: AtomicUsize,
+    silly_counter: AtomicU64,
+    groups: Mutex<lru::LruCache<u32, (Instant, u32, Vec<u32>)>>,
+}
+
+fn check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NAMETOOLONG);
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::INVAL);
+    }
+    Ok(())
+}
+
+fn to_nfstime(t: SystemTime) -> nfstime3 {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    nfstime3 {
+        seconds: d.as_secs().min(u32::MAX as u64) as u32,
+        nseconds: d.subsec_nanos(),
+    }
+}
+
+/// Supplementary groups of `pid` from /proc, as the kernel client would send.
+fn proc_groups(pid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+impl NfsFs {
+    pub fn new(session: NfsSession, cfg: FsConfig) -> Arc<Self> {
+        let inodes = Arc::new(InodeTable::new(
+            session.root.clone(),
+            session.root_attr,
+            cfg.timeouts,
+        ));
+        let sink_inodes = inodes.clone();
+        let sink: writeback::WccSink = Arc::new(move |ino: u64, wcc: &Wcc| {
+            Self::track_wcc(&sink_inodes, ino, wcc);
+        });
+        let writeback = WriteBack::new(session.nfs.clone(), session.wsize, cfg.dirty_limit, sink);
+        Arc::new(Self {
+            nfs: session.nfs.clone(),
+            session,
+            cfg,
+            inodes,
+            writeback,
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            open_files: AtomicUsize::new(0),
+            silly_counter: AtomicU64::new(0),
+            groups: Mutex::new(lru::LruCache::new(NonZeroUsize::new(256).unwrap())),
+        })
+    }
+
+    pub fn session(&self) -> &NfsSession {
+        &self.session
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    /// Weak cache consistency: if the pre-operation attributes are the ones
+    /// our cached data belongs to, the change was ours and the data stays
+    /// valid under the new key; otherwise someone else changed the file.
+    fn track_wcc(inodes: &InodeTable, ino: u64, wcc: &Wcc) {
+        inodes.with(ino, |i| {
+            if let Some(after) = wcc.after {
+                match (wcc.before, i.data_key) {
+                    (Some(before), Some(key)) if before == key => i.data_key = Some(after.change_key()),
+                    (Some(_), Some(_)) | (None, _) => i.data_key = None,
+                    (Some(_), None) => {}
+                }
+            }
+        });
+        if let Some(after) = wcc.after {
+            inodes.update_attr(ino, &after);
+        }
+    }
+
+    fn cred(&self, c: &Caller) -> Credential {
+        let uid = self.cfg.force_uid.unwrap_or(c.uid);
+        let gid = self.cfg.force_gid.unwrap_or(c.gid);
+        let gids = if self.cfg.force_uid.is_some() || c.pid == 0 {
+            Vec::new()
+        } else {
+            let mut cache = self.groups.lock();
+            match cache.get(&c.pid) {
+                Some((at, u, g)) if *u == c.uid && at.elapsed() < Duration::from_secs(2) => g.clone(),
+                _ => {
+                    let g = proc_groups(c.pid);
+                    cache.put(c.pid, (Instant::now(), c.uid, g.clone()));
+                    g
+                }
+            }
+        };
+        Credential::Sys(AuthSys::new(uid, gid, gids, self.cfg.machine_name.clone()))
+    }
+
+    fn fh(&self, ino: u64) -> Result<FileHandle, FsError> {
+        self.inodes.fh(ino).ok_or(FsError::STALE)
+    }
+
+    fn writable(&self) -> Result<(), FsError> {
+        if self.cfg.read_only {
+            Err(FsError::ROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn entry_ttl(&self) -> Duration {
+        match self.cfg.lookupcache {
+            LookupCache::None => Duration::ZERO,
+            _ => self.cfg.timeouts.dirmin,
+        }
+    }
+
+    /// How long the kernel may cache a negative lookup.
+    pub fn negative_ttl(&self) -> Duration {
+        match self.cfg.lookupcache {
+            // Kept short: the kernel client revalidates negative dentries on
+            // open/create, which FUSE cannot ask us to do.
+            LookupCache::All => self.cfg.timeouts.dirmin.min(Duration::from_secs(1)),
+            _ => Duration::ZERO,
+        }
+    }
+
+    fn entry_for(&self, fh: &FileHandle, attr: &Fattr, lookups: u64) -> Entry {
+        let (ino, generation) = self.inodes.remember(fh, attr, lookups);
+        let attr_ttl = self
+            .inodes
+            .get(ino)
+            .map(|i| i.expires.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        Entry {
+            ino,
+            generation,
+            attr: *attr,
+            entry_ttl: self.entry_ttl(),
+            attr_ttl,
+        }
+    }
+
+    fn update_dir(&self, dir_ino: u64, wcc: &Wcc) {
+        match wcc.after {
+            Some(a) => self.inodes.update_attr(dir_ino, &a),
+            None => self.inodes.invalidate_attr(dir_ino),
+        }
+    }
+
+    pub async fn lookup(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<Entry, FsError> {
+        check_name(name)?;
+        let dir = self.fh(parent)?;
+        let cred = self.cred(c);
+        let ok = self.nfs.lookup(&cred, &dir, name).await?;
+        if let Some(d) = ok.dir_attr {
+            self.inodes.update_attr(parent, &d);
+        }
+        let attr = match ok.attr {
+            Some(a) => a,
+            None => self.nfs.getattr(&cred, &ok.fh).await?.attr,
+        };
+        Ok(self.entry_for(&ok.fh, &attr, 1))
+    }
+
+    pub fn forget(&self, ino: u64, nlookup: u64) {
+        self.inodes.forget(ino, nlookup);
+    }
+
+    /// Returns attributes and how long the kernel may cache them.
+    pub async fn getattr(&self, c: &Caller, ino: u64) -> Result<(Fattr, Duration), FsError> {
+        if self.writeback.is_dirty(ino) {
+            // Size and mtime must include what we have written.
+            self.writeback.drain(ino).await?;
+        }
+        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
+        let now = Instant::now();
+        if now < inode.expires {
+            return Ok((inode.attr, inode.expires - now));
+        }
+        self.refresh_attr(c, ino, &inode.fh).await
+    }
+
+    async fn refresh_attr(&self, c: &Caller, ino: u64, fh: &FileHandle) -> Result<(Fattr, Duration), FsError> {
+        let attr = self.nfs.getattr(&self.cred(c), fh).await?.attr;
+        self.inodes.update_attr(ino, &attr);
+        let ttl = self
+            .inodes
+            .get(ino)
+            .map(|i| i.expires.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        Ok((attr, ttl))
+    }
+
+    pub async fn setattr(&self, c: &Caller, ino: u64, set: SetAttrs) -> Result<(Fattr, Duration), FsError> {
+        self.writable()?;
+        let fh = self.fh(ino)?;
+        if let Some(size) = set.size {
+            self.writeback.drain(ino).await?;
+            self.writeback.truncate(ino, size);
+        }
+        let time = |t: Option<TimeSet>| match t {
+            None => (false, None),
+            Some(TimeSet::Now) => (true, None),
+            Some(TimeSet::At(t)) => (true, Some(to_nfstime(t))),
+        };
+        let (aset, at) = time(set.atime);
+        let (mset, mt) = time(set.mtime);
+        let attrs = sattr3 {
+            mode: set.mode.map_or(Nfs3Option::None, |m| Nfs3Option::Some(m & 0o7777)),
+            uid: set.uid.map_or(Nfs3Option::None, Nfs3Option::Some),
+            gid: set.gid.map_or(Nfs3Option::None, Nfs3Option::Some),
+            size: set.size.map_or(Nfs3Option::None, Nfs3Option::Some),
+            atime: match (aset, at) {
+                (false, _) => set_atime::DONT_CHANGE,
+                (true, None) => set_atime::SET_TO_SERVER_TIME,
+                (true, Some(t)) => set_atime::SET_TO_CLIENT_TIME(t),
+            },
+            mtime: match (mset, mt) {
+                (false, _) => set_mtime::DONT_CHANGE,
+                (true, None) => set_mtime::SET_TO_SERVER_TIME,
+                (true, Some(t)) => set_mtime::SET_TO_CLIENT_TIME(t),
+            },
+        };
+        let cred = self.cred(c);
+        let ok = self.nfs.setattr(&cred, &fh, attrs, None).await?;
+        if set.size.is_some() {
+            // Our truncate changes the data; cached pages past it are wrong.
+            self.inodes.with(ino, |i| i.data_key = None);
+        }
+        match ok.wcc.after {
+            Some(a) => {
+                self.inodes.update_attr(ino, &a);
+                let ttl = self
+                    .inodes
+                    .get(ino)
+                    .map(|i| i.expires.saturating_duration_since(Instant::now()))
+                    .unwrap_or_default();
+                Ok((a, ttl))
+            }
+            None => self.refresh_attr(c, ino, &fh).await,
+        }
+    }
+
+    pub async fn readlink(&self, c: &Caller, ino: u64) -> Result<Bytes, FsError> {
+        let fh = self.fh(ino)?;
+        Ok(self.nfs.readlink(&self.cred(c), &fh).await?.target)
+    }
+
+    async fn created(&self, c: &Caller, parent: u64, dir: &FileHandle, name: &[u8], ok: CreatedOk) -> Result<Entry, FsError> {
+        self.update_dir(parent, &ok.dir_wcc);
+        let cred = self.cred(c);
+        let fh = match ok.fh {
+            Some(fh) => fh,
+            None => self.nfs.lookup(&cred, dir, name).await?.fh,
+        };
+        let attr = match ok.attr {
+            Some(a) => a,
+            None => self.nfs.getattr(&cred, &fh).await?.attr,
+        };
+        Ok(self.entry_for(&fh, &attr, 1))
+    }
+
+    pub async fn mknod(&self, c: &Caller, parent: u64, name: &[u8], mode: u32, rdev: u32) -> Result<Entry, FsError> {
+        self.writable()?;
+        check_name(name)?;
+        let dir = self.fh(parent)?;
+        let attrs = sattr_mode(mode & 0o7777);
+        let dev = || devicedata3 {
+            dev_attributes: attrs.clone(),
+            spec: specdata3 {
+                specdata1: nix::sys::stat::major(rdev as u64) as u32,
+                specdata2: nix::sys::stat::minor(rdev as u64) as u32,
+            },
+        };
+        let cred = self.cred(c);
+        let ok = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => {
+                self.nfs
+                    .create(&cred, &dir, name, createhow3::GUARDED(attrs.clone()))
+                    .await?
+            }
+            libc::S_IFIFO => self.nfs.mknod(&cred, &dir, name, mknoddata3::NF3FIFO(attrs.clone())).await?,
+            libc::S_IFSOCK => self.nfs.mknod(&cred, &dir, name, mknoddata3::NF3SOCK(attrs.clone())).await?,
+            libc::S_IFCHR => self.nfs.mknod(&cred, &dir, name, mknoddata3::NF3CHR(dev())).await?,
+            libc::S_IFBLK => self.nfs.mknod(&cred, &dir, name, mknoddata3::NF3BLK(dev())).await?,
+            _ => return Err(FsError::INVAL),
+        };
+        self.created(c, parent, &dir, name, ok).await
+    }
+
+    pub async fn mkdir(&self, c: &Caller, parent: u64, name: &[u8], mode: u32) -> Result<Entry, FsError> {
+        self.writable()?;
+        check_name(name)?;
+        let dir = self.fh(parent)?;
+        let ok = self.nfs.mkdir(&self.cred(c), &dir, name, sattr_mode(mode & 0o7777)).await?;
+        self.created(c, parent, &dir, name, ok).await
+    }
+
+    pub async fn symlink(&self, c: &Caller, parent: u64, name: &[u8], target: &[u8]) -> Result<Entry, FsError> {
+        self.writable()?;
+        check_name(name)?;
+        let dir = self.fh(parent)?;
+        let ok = self
+            .nfs
+            .symlink(&self.cred(c), &dir, name, target, sattr3::default())
+            .await?;
+        self.created(c, parent, &dir, name, ok).await
+    }
+
+    pub async fn link(&self, c: &Caller, ino: u64, newparent: u64, newname: &[u8]) -> Result<Entry, FsError> {
+        self.writable()?;
+        check_name(newname)?;
+        let fh = self.fh(ino)?;
+        let dir = self.fh(newparent)?;
+        let cred = self.cred(c);
+        let ok = self.nfs.link(&cred, &fh, &dir, newname).await?;
+        self.update_dir(newparent, &ok.dir_wcc);
+        let attr = match ok.attr {
+            Some(a) => a,
+            None => self.nfs.getattr(&cred, &fh).await?.attr,
+        };
+        Ok(self.entry_for(&fh, &attr, 1))
+    }
+
+    /// If `name` in `dir` is a file we hold open, renames it to a hidden
+    /// `.nfs` name (as the kernel client's silly-rename does) so it stays
+    /// readable until the last close. Returns true if it did.
+    async fn silly_rename(&self, c: &Caller, parent: u64, dir: &FileHandle, name: &[u8]) -> Result<bool, FsError> {
+        if self.open_files.load(Ordering::Relaxed) == 0 {
+            return Ok(false);
+        }
+        let cred = self.cred(c);
+        let Ok(found) = self.nfs.lookup(&cred, dir, name).await else {
+            return Ok(false);
+        };
+        let Some(attr) = found.attr else { return Ok(false) };
+        let ino = self.inodes.ino_of(attr.fileid);
+        let open = self.inodes.get(ino).is_some_and(|i| i.open_count > 0 && i.fh == found.fh);
+        if !open || attr.ftype == FileType::Directory {
+            return Ok(false);
+        }
+        let n = self.silly_counter.fetch_add(1, Ordering::Relaxed);
+        let silly = Bytes::from(format!(".nfs{:016x}{:08x}", attr.fileid, n));
+        let ok = self.nfs.rename(&cred, dir, name, dir, &silly).await?;
+        self.update_dir(parent, &ok.to_wcc);
+        self.inodes.with(ino, |i| i.silly = Some((parent, silly)));
+        self.inodes.invalidate_attr(ino);
+        Ok(true)
+    }
+
+    pub async fn unlink(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        self.writable()?;
+        check_name(name)?;
+        let dir = self.fh(parent)?;
+        if self.silly_rename(c, parent, &dir, name).await? {
+            return Ok(());
+        }
+        let ok = self.nfs.remove(&self.cred(c), &dir, name).await?;
+        self.update_dir(parent, &ok.dir_wcc);
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        self.writable()?;
+        check_name(name)?;
+        let dir = self.fh(parent)?;
+        let ok = self.nfs.rmdir(&self.cred(c), &dir, name).await?;
+        self.update_dir(parent, &ok.dir_wcc);
+        Ok(())
+    }
+
+    /// RENAME. NFSv3 has no atomic no-replace or exchange, so those flags are
+    /// refused with EINVAL rather than emulated with a race.
+    pub async fn rename(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<(), FsError> {
+        self.writable()?;
+        if flags != 0 {
+            return Err(FsError::INVAL);
+        }
+        check_name(name)?;
+        check_name(newname)?;
+        let from = self.fh(parent)?;
+        let to = self.fh(newparent)?;
+        // An open file about to be replaced keeps its data, as on a local fs.
+        self.silly_rename(c, newparent, &to, newname).await?;
+        let ok = self.nfs.rename(&self.cred(c), &from, name, &to, newname).await?;
+        self.update_dir(parent, &ok.from_wcc);
+        self.update_dir(newparent, &ok.to_wcc);
+        Ok(())
+    }
+
+    fn register_open(&self, ino: u64) -> u64 {
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.inodes.with(ino, |i| i.open_count += 1);
+        self.open_files.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().insert(handle, ino);
+        handle
+    }
+
+    /// Close-to-open: every open revalidates attributes with the server.
+    pub async fn open(&self, c: &Caller, ino: u64, flags: i32) -> Result<Opened, FsError> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.writable()?;
+        }
+        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
+        let attr = if self.cfg.cto || Instant::now() >= inode.expires {
+            self.refresh_attr(c, ino, &inode.fh).await?.0
+        } else {
+            inode.attr
+        };
+        let key = attr.change_key();
+        let keep_cache = self
+            .inodes
+            .with(ino, |i| {
+                let keep = i.data_key == Some(key);
+                i.data_key = Some(key);
+                keep
+            })
+            .unwrap_or(false);
+        Ok(Opened {
+            fh: self.register_open(ino),
+            keep_cache,
+        })
+    }
+
+    pub async fn create(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Entry, Opened), FsError> {
+        self.writable()?;
+        check_name(name)?;
+        let dir = self.fh(parent)?;
+        let cred = self.cred(c);
+        let entry = if flags & libc::O_EXCL != 0 {
+            let verf = createverf3(rand::random());
+            let ok = self.nfs.create(&cred, &dir, name, createhow3::EXCLUSIVE(verf)).await?;
+            let entry = self.created(c, parent, &dir, name, ok).await?;
+            // EXCLUSIVE create stores the verifier in the attributes; set the
+            // real mode now (RFC 1813 §3.3.8).
+            let set = SetAttrs {
+                mode: Some(mode),
+                ..Default::default()
+            };
+            let (attr, _) = self.setattr(c, entry.ino, set).await?;
+            Entry { attr, ..entry }
+        } else {
+            let ok = self
+                .nfs
+                .create(&cred, &dir, name, createhow3::UNCHECKED(sattr_mode(mode & 0o7777)))
+                .await?;
+            self.created(c, parent, &dir, name, ok).await?
+        };
+        self.inodes.with(entry.ino, |i| i.data_key = Some(entry.attr.change_key()));
+        let handle = self.register_open(entry.ino);
+        Ok((
+            entry,
+            Opened {
+                fh: handle,
+                keep_cache: false,
+            },
+        ))
+    }
+
+    /// READ, split into rsize calls issued together.
+    pub async fn read(&self, c: &Caller, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        if self.writeback.is_dirty(ino) {
+            self.writeback.drain(ino).await?;
+        }
+        let fh = self.fh(ino)?;
+        let cred = self.cred(c);
+        let rsize = self.session.rsize as u64;
+        let end = offset.saturating_add(size as u64);
+        let mut calls = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(rsize - at % rsize);
+            calls.push(self.nfs.read(&cred, &fh, at, n as u32));
+            at += n;
+        }
+        let replies = try_join_all(calls).await?;
+        if let Some(a) = replies.last().and_then(|r| r.attr) {
+            self.inodes.update_attr(ino, &a);
+        }
+        if replies.len() == 1 {
+            return Ok(replies.into_iter().next().map(|r| r.data).unwrap_or_default());
+        }
+        let mut out = BytesMut::with_capacity(size as usize);
+        for r in replies {
+            let short = r.data.len() < r.count as usize || r.eof;
+            out.extend_from_slice(&r.data);
+            if short {
+                break;
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    pub async fn write(&self, c: &Caller, ino: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        self.writable()?;
+        let fh = self.fh(ino)?;
+        self.writeback.write(ino, &fh, &self.cred(c), offset, data).await?;
+        Ok(data.len() as u32)
+    }
+
+    /// close(2) of one descriptor: make the data durable and report errors.
+    pub async fn flush(&self, ino: u64) -> Result<(), FsError> {
+        self.writeback.flush(ino).await
+    }
+
+    pub async fn fsync(&self, ino: u64) -> Result<(), FsError> {
+        self.writeback.flush(ino).await
+    }
+
+    pub async fn release(&self, c: &Caller, ino: u64, handle: u64) -> Result<(), FsError> {
+        let result = self.writeback.flush(ino).await;
+        if self.files.lock().remove(&handle).is_some() {
+            self.open_files.fetch_sub(1, Ordering::Relaxed);
+        }
+        let silly = self
+            .inodes
+            .with(ino, |i| {
+                i.open_count = i.open_count.saturating_sub(1);
+                if i.open_count == 0 { i.silly.take() } else { None }
+            })
+            .flatten();
+        if let Some((parent, name)) = silly {
+            if let Ok(dir) = self.fh(parent) {
+                if let Err(e) = self.nfs.remove(&self.cred(c), &dir, &name).await {
+                    tracing::warn!(ino, name = ?name, error = %e, "could not remove silly-renamed file");
+                }
+            }
+        }
+        self.writeback.release(ino);
+        self.inodes.forget(ino, 0);
+        result
+    }
+
+    pub fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        self.inodes.get(ino).ok_or(FsError::STALE)?;
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(
+            handle,
+            DirStream {
+                ino,
+                verf: CookieVerf::default(),
+                page: Vec::new(),
+                eof: false,
+            },
+        );
+        Ok(handle)
+    }
+
+    pub fn releasedir(&self, handle: u64) {
+        self.dirs.lock().remove(&handle);
+    }
+
+    /// Entries after `offset` (0: the start). With `plus`, each item carries
+    /// attributes; the caller must report which it handed to the kernel with
+    /// [`NfsFs::readdirplus_done`] so lookup counts stay right.
+    pub async fn readdir(&self, c: &Caller, handle: u64, offset: u64, plus: bool) -> Result<Vec<DirItem>, FsError> {
+        let (ino, verf, cached) = {
+            let dirs = self.dirs.lock();
+            let s = dirs.get(&handle).ok_or(FsError::BADF)?;
+            let cached = if offset == 0 {
+                None
+            } else {
+                s.page
+                    .iter()
+                    .position(|i| i.offset == offset)
+                    .map(|p| (s.page[p + 1..].to_vec(), s.eof))
+            };
+            (s.ino, s.verf, cached)
+        };
+        match cached {
+            Some((rest, _)) if !rest.is_empty() && (!plus || rest.iter().all(|i| i.entry.is_some())) => {
+                return Ok(rest);
+            }
+            Some((_, true)) => return Ok(Vec::new()),
+            _ => {}
+        }
+        let dir = self.fh(ino)?;
+        let cred = self.cred(c);
+        let verf = if offset == 0 { CookieVerf::default() } else { verf };
+        let dtpref = self.session.fsinfo.dtpref.clamp(4096, 64 << 10);
+        let (items, new_verf, eof) = if plus || self.cfg.rdirplus {
+            let page = self
+                .nfs
+                .readdirplus(&cred, &dir, offset, verf, dtpref, dtpref * 4)
+                .await?;
+            if let Some(a) = page.dir_attr {
+                self.inodes.update_attr(ino, &a);
+            }
+            let items = page
+                .entries
+                .into_iter()
+                .map(|e| {
+                    let entry = match (&e.fh, &e.attr) {
+                        (Some(fh), Some(a)) if e.name.as_ref() != b"." && e.name.as_ref() != b".." => {
+                            Some(self.entry_for(fh, a, 0))
+                        }
+                        _ => None,
+                    };
+                    DirItem {
+                        ino: self.inodes.ino_of(e.fileid),
+                        kind: e.attr.map_or(FileType::Regular, |a| a.ftype),
+                        name: e.name,
+                        offset: e.cookie,
+                        entry,
+                    }
+                })
+                .collect::<Vec<_>>();
+            (items, page.cookieverf, page.eof)
+        } else {
+            let page = self.nfs.readdir(&cred, &dir, offset, verf, dtpref).await?;
+            let items = page
+                .entries
+                .into_iter()
+                .map(|e| DirItem {
+                    ino: self.inodes.ino_of(e.fileid),
+                    name: e.name,
+                    kind: FileType::Regular,
+                    offset: e.cookie,
+                    entry: None,
+                })
+                .collect();
+            (items, page.cookieverf, page.eof)
+        };
+        if let Some(s) = self.dirs.lock().get_mut(&handle) {
+            s.verf = new_verf;
+            s.page = items.clone();
+            s.eof = eof;
+        }
+        Ok(items)
+    }
+
+    /// Counts a kernel reference for each entry READDIRPLUS handed over, and
+    /// drops table entries for the ones that did not fit.
+    pub fn readdirplus_done(&self, accepted: &[u64], rejected: &[u64]) {
+        for &ino in accepted {
+            self.inodes.with(ino, |i| i.nlookup += 1);
+        }
+        for &ino in rejected {
+            self.inodes.forget(ino, 0);
+        }
+    }
+
+    pub async fn statfs(&self, c: &Caller) -> Result<StatFs, FsError> {
+        let st = self.nfs.fsstat(&self.cred(c), &self.session.root).await?;
+        let bsize = 4096u64;
+        Ok(StatFs {
+            blocks: st.tbytes / bsize,
+            bfree: st.fbytes / bsize,
+            bavail: st.abytes / bsize,
+            files: st.tfiles,
+            ffree: st.afiles,
+            bsize: bsize as u32,
+            namelen: NAME_MAX as u32,
+        })
+    }
+
+    /// access(2): the server is the authority, through ACCESS.
+    pub async fn access(&self, c: &Caller, ino: u64, mask: i32) -> Result<(), FsError> {
+        if mask == libc::F_OK {
+            return self.fh(ino).map(|_| ());
+        }
+        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
+        let is_dir = inode.attr.ftype == FileType::Directory;
+        let mut want = 0u32;
+        if mask & libc::R_OK != 0 {
+            want |= nfs3_types::nfs3::ACCESS3_READ;
+        }
+        if mask & libc::W_OK != 0 {
+            if self.cfg.read_only {
+                return Err(FsError::ROFS);
+            }
+            want |= nfs3_types::nfs3::ACCESS3_MODIFY
+                | if is_dir {
+                    nfs3_types::nfs3::ACCESS3_EXTEND | nfs3_types::nfs3::ACCESS3_DELETE
+                } else {
+                    nfs3_types::nfs3::ACCESS3_EXTEND
+                };
+        }
+        if mask & libc::X_OK != 0 {
+            want |= if is_dir {
+                nfs3_types::nfs3::ACCESS3_LOOKUP
+            } else {
+                nfs3_types::nfs3::ACCESS3_EXECUTE
+            };
+        }
+        let ok = self.nfs.access(&self.cred(c), &inode.fh, want).await?;
+        if let Some(a) = ok.attr {
+            self.inodes.update_attr(ino, &a);
+        }
+        if ok.access & want == want {
+            Ok(())
+        } else {
+            Err(FsError(libc::EACCES))
+        }
+    }
+
+    /// Makes all written data durable; used at unmount.
+    pub async fn flush_all(&self) -> Result<(), FsError> {
+        let inos: Vec<u64> = self.files.lock().values().copied().collect();
+        let mut first = Ok(());
+        for ino in inos {
+            if let Err(e) = self.writeback.flush(ino).await {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+}

@@ -1,0 +1,409 @@
+//! Write-back: gathers writes into wsize chunks, sends them UNSTABLE with many
+//! in flight, and keeps each chunk until a COMMIT with a matching verifier
+//! proves it durable. A verifier change (the server restarted and lost
+//! uncommitted data) makes us send those chunks again, FILE_SYNC.
+//!
+//! Dirty plus uncommitted memory is bounded by a byte semaphore; a writer that
+//! hits the bound waits, and the wait kicks a commit so the bound frees up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use super::errno::FsError;
+use crate::nfs::{FileHandle, NfsClient, StableHow, Wcc, WriteVerf};
+use crate::rpc::Credential;
+
+/// Gathered data older than this is sent even if the chunk is not full.
+const GATHER_AGE: Duration = Duration::from_millis(200);
+/// Sent-but-uncommitted data older than this is committed in the background.
+const COMMIT_AGE: Duration = Duration::from_secs(5);
+
+struct Chunk {
+    offset: u64,
+    data: Bytes,
+    verf: WriteVerf,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Gather {
+    offset: u64,
+    buf: BytesMut,
+    since: Instant,
+    permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct State {
+    gather: Option<Gather>,
+    inflight: usize,
+    uncommitted: Vec<Chunk>,
+    oldest_uncommitted: Option<Instant>,
+    /// First error since it was last reported: handed to the next write,
+    /// flush or fsync, never dropped.
+    error: Option<FsError>,
+    /// Highest byte offset written through us, for getattr while dirty.
+    end: u64,
+    cred: Option<Credential>,
+}
+
+struct FileWrites {
+    fh: FileHandle,
+    state: Mutex<State>,
+    idle: Notify,
+    /// Serialises commits so a flush waits for a background commit's outcome.
+    commit_lock: tokio::sync::Mutex<()>,
+}
+
+/// Observer of write replies, so the filesystem can track its own changes
+/// through wcc_data without invalidating its caches.
+pub type WccSink = Arc<dyn Fn(u64, &Wcc) + Send + Sync>;
+
+pub struct WriteBack {
+    nfs: NfsClient,
+    wsize: usize,
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+    files: Mutex<HashMap<u64, Arc<FileWrites>>>,
+    wcc_sink: WccSink,
+    pressure: Notify,
+}
+
+impl WriteBack {
+    pub fn new(nfs: NfsClient, wsize: u32, dirty_limit: usize, wcc_sink: WccSink) -> Arc<Self> {
+        let budget_bytes = dirty_limit.max(2 * wsize as usize);
+        let wb = Arc::new(Self {
+            nfs,
+            wsize: wsize as usize,
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
+            files: Mutex::new(HashMap::new()),
+            wcc_sink,
+            pressure: Notify::new(),
+        });
+        tokio::spawn(Self::flusher(Arc::downgrade(&wb)));
+        wb
+    }
+
+    fn file(&self, ino: u64, fh: &FileHandle) -> Arc<FileWrites> {
+        self.files
+            .lock()
+            .entry(ino)
+            .or_insert_with(|| {
+                Arc::new(FileWrites {
+                    fh: fh.clone(),
+                    state: Mutex::new(State::default()),
+                    idle: Notify::new(),
+                    commit_lock: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+
+    /// Whether `ino` has data we have not yet handed to the server or that
+    /// is still on its way.
+    pub fn is_dirty(&self, ino: u64) -> bool {
+        self.files.lock().get(&ino).is_some_and(|f| {
+            let s = f.state.lock();
+            s.gather.is_some() || s.inflight > 0
+        })
+    }
+
+    /// End of the data written through us, if any is not yet on the server.
+    pub fn local_end(&self, ino: u64) -> Option<u64> {
+        self.files.lock().get(&ino).map(|f| f.state.lock().end)
+    }
+
+    /// Buffers `data` at `offset`; returns once it is accepted (not durable).
+    pub async fn write(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: &FileHandle,
+        cred: &Credential,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), FsError> {
+        let file = self.file(ino, fh);
+        if let Some(e) = file.state.lock().error.take() {
+            return Err(e);
+        }
+        let permit = match self.budget.clone().try_acquire_many_owned(data.len() as u32) {
+            Ok(p) => p,
+            Err(_) => {
+                // At the bound: ask the flusher to commit, then wait our turn.
+                self.pressure.notify_one();
+                self.budget
+                    .clone()
+                    .acquire_many_owned(data.len() as u32)
+                    .await
+                    .map_err(|_| FsError::IO)?
+            }
+        };
+        let to_send = {
+            let mut s = file.state.lock();
+            s.cred = Some(cred.clone());
+            s.end = s.end.max(offset + data.len() as u64);
+            let mut out = None;
+            let contiguous = s.gather.as_ref().is_some_and(|g| {
+                g.offset + g.buf.len() as u64 == offset && g.buf.len() + data.len() <= self.wsize
+            });
+            if contiguous {
+                let g = s.gather.as_mut().expect("checked above");
+                g.buf.extend_from_slice(data);
+                g.permit.merge(permit);
+            } else {
+                out = s.gather.take();
+                let mut buf = BytesMut::with_capacity(self.wsize.max(data.len()));
+                buf.extend_from_slice(data);
+                s.gather = Some(Gather {
+                    offset,
+                    buf,
+                    since: Instant::now(),
+                    permit,
+                });
+            }
+            let full = s.gather.as_ref().is_some_and(|g| g.buf.len() >= self.wsize);
+            let mut sends: Vec<Gather> = out.into_iter().collect();
+            if full {
+                sends.extend(s.gather.take());
+            }
+            s.inflight += sends.len();
+            sends
+        };
+        for g in to_send {
+            self.spawn_send(ino, file.clone(), g);
+        }
+        Ok(())
+    }
+
+    fn spawn_send(self: &Arc<Self>, ino: u64, file: Arc<FileWrites>, g: Gather) {
+        let wb = self.clone();
+        tokio::spawn(async move {
+            let cred = file.state.lock().cred.clone().unwrap_or(Credential::None);
+            let data = g.buf.freeze();
+            let result = wb.send_chunk(ino, &file.fh, &cred, g.offset, &data).await;
+            let mut s = file.state.lock();
+            match result {
+                Ok((verf, StableHow::Unstable)) => {
+                    s.oldest_uncommitted.get_or_insert_with(Instant::now);
+                    s.uncommitted.push(Chunk {
+                        offset: g.offset,
+                        data,
+                        verf,
+                        _permit: g.permit,
+                    });
+                }
+                Ok(_) => {} // already durable; the permit is released here
+                Err(e) => {
+                    warn!(ino, offset = g.offset, error = %e, "write-back failed");
+                    s.error.get_or_insert(e);
+                }
+            }
+            s.inflight -= 1;
+            if s.inflight == 0 {
+                file.idle.notify_waiters();
+            }
+        });
+    }
+
+    /// WRITEs one chunk, continuing after short writes.
+    async fn send_chunk(
+        &self,
+        ino: u64,
+        fh: &FileHandle,
+        cred: &Credential,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(WriteVerf, StableHow), FsError> {
+        let mut done = 0usize;
+        let mut weakest = StableHow::FileSync;
+        let mut verf = WriteVerf::default();
+        while done < data.len() {
+            let ok = self
+                .nfs
+                .write(cred, fh, offset + done as u64, &data[done..], StableHow::Unstable)
+                .await?;
+            (self.wcc_sink)(ino, &ok.wcc);
+            if ok.count == 0 {
+                return Err(FsError::IO);
+            }
+            done += ok.count as usize;
+            if ok.committed == StableHow::Unstable {
+                weakest = StableHow::Unstable;
+            }
+            verf = ok.verf;
+        }
+        Ok((verf, weakest))
+    }
+
+    /// Sends gathered data and waits until nothing is in flight.
+    pub async fn drain(self: &Arc<Self>, ino: u64) -> Result<(), FsError> {
+        let Some(file) = self.files.lock().get(&ino).cloned() else {
+            return Ok(());
+        };
+        let g = {
+            let mut s = file.state.lock();
+            let g = s.gather.take();
+            if g.is_some() {
+                s.inflight += 1;
+            }
+            g
+        };
+        if let Some(g) = g {
+            self.spawn_send(ino, file.clone(), g);
+        }
+        loop {
+            let idle = file.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if file.state.lock().inflight == 0 {
+                break;
+            }
+            idle.await;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (close, fsync): drain, COMMIT,
+    /// and resend chunks whose verifier no longer matches. Reports (and
+    /// clears) any write error since the last report.
+    pub async fn flush(self: &Arc<Self>, ino: u64) -> Result<(), FsError> {
+        self.drain(ino).await?;
+        let Some(file) = self.files.lock().get(&ino).cloned() else {
+            return Ok(());
+        };
+        let result = self.commit_file(ino, &file).await;
+        let mut s = file.state.lock();
+        let sticky = s.error.take();
+        if s.gather.is_none() && s.inflight == 0 && s.uncommitted.is_empty() {
+            s.end = 0;
+        }
+        drop(s);
+        result?;
+        sticky.map_or(Ok(()), Err)
+    }
+
+    async fn commit_file(&self, ino: u64, file: &FileWrites) -> Result<(), FsError> {
+        let _serial = file.commit_lock.lock().await;
+        let (chunks, cred) = {
+            let mut s = file.state.lock();
+            s.oldest_uncommitted = None;
+            (std::mem::take(&mut s.uncommitted), s.cred.clone().unwrap_or(Credential::None))
+        };
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let commit = match self.nfs.commit(&cred, &file.fh, 0, 0).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Keep the data: a later flush retries the commit.
+                let mut s = file.state.lock();
+                s.uncommitted.extend(chunks);
+                s.oldest_uncommitted.get_or_insert_with(Instant::now);
+                return Err(e.into());
+            }
+        };
+        (self.wcc_sink)(ino, &commit.wcc);
+        let lost: Vec<Chunk> = chunks.into_iter().filter(|c| c.verf != commit.verf).collect();
+        if !lost.is_empty() {
+            warn!(ino, chunks = lost.len(), "write verifier changed (server restart?): resending uncommitted data");
+            for c in lost {
+                let mut done = 0usize;
+                while done < c.data.len() {
+                    let ok = self
+                        .nfs
+                        .write(&cred, &file.fh, c.offset + done as u64, &c.data[done..], StableHow::FileSync)
+                        .await?;
+                    (self.wcc_sink)(ino, &ok.wcc);
+                    if ok.count == 0 {
+                        return Err(FsError::IO);
+                    }
+                    done += ok.count as usize;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a file's write state once it has nothing pending.
+    pub fn release(&self, ino: u64) {
+        let mut files = self.files.lock();
+        if let Some(f) = files.get(&ino) {
+            let s = f.state.lock();
+            if s.gather.is_none() && s.inflight == 0 && s.uncommitted.is_empty() && s.error.is_none() {
+                drop(s);
+                files.remove(&ino);
+            }
+        }
+    }
+
+    /// Drops gathered and uncommitted data beyond `size` after a truncate, so
+    /// a late resend cannot resurrect it.
+    pub fn truncate(&self, ino: u64, size: u64) {
+        if let Some(f) = self.files.lock().get(&ino) {
+            let mut s = f.state.lock();
+            s.uncommitted.retain(|c| c.offset < size);
+            for c in s.uncommitted.iter_mut() {
+                let keep = (size - c.offset).min(c.data.len() as u64) as usize;
+                c.data.truncate(keep);
+            }
+            s.end = s.end.min(size);
+        }
+    }
+
+    pub fn budget_in_use(&self) -> usize {
+        self.budget_bytes - self.budget.available_permits()
+    }
+
+    /// Background task: sends aged gathers and commits aged or pressing data.
+    async fn flusher(wb: std::sync::Weak<Self>) {
+        loop {
+            let Some(this) = wb.upgrade() else { return };
+            let notified = {
+                let pressure = this.pressure.notified();
+                tokio::pin!(pressure);
+                pressure.as_mut().enable();
+                tokio::select! {
+                    _ = tokio::time::sleep(GATHER_AGE) => false,
+                    _ = &mut pressure => true,
+                }
+            };
+            let under_pressure = notified || this.budget_in_use() * 2 > this.budget_bytes;
+            let files: Vec<(u64, Arc<FileWrites>)> =
+                this.files.lock().iter().map(|(k, v)| (*k, v.clone())).collect();
+            for (ino, file) in files {
+                let (send, commit) = {
+                    let mut s = file.state.lock();
+                    let send = match &s.gather {
+                        Some(g) if under_pressure || g.since.elapsed() >= GATHER_AGE => {
+                            s.inflight += 1;
+                            s.gather.take()
+                        }
+                        _ => None,
+                    };
+                    let commit = !s.uncommitted.is_empty()
+                        && (under_pressure || s.oldest_uncommitted.is_some_and(|t| t.elapsed() >= COMMIT_AGE));
+                    (send, commit)
+                };
+                if let Some(g) = send {
+                    this.spawn_send(ino, file.clone(), g);
+                }
+                if commit {
+                    let this2 = this.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this2.commit_file(ino, &file).await {
+                            debug!(ino, error = %e, "background commit failed; will retry");
+                            file.state.lock().error.get_or_insert(e);
+                        }
+                    });
+                }
+            }
+            drop(this);
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The thin fuser adapter: each request is answered from a tokio task, so a
+//! slow NFS call never holds up other requests, and errors become errno in
+//! one place ([`crate::fs::errno`]).
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+use tracing::debug;
+
+use crate::fs::{Caller, Entry, FsError, NfsFs, SetAttrs, TimeSet};
+use crate::nfs::{Fattr, FileType};
+
+/// FUSE requests are capped at 1 MiB (the kernel's default max_pages).
+pub const MAX_WRITE: u32 = 1 << 20;
+
+pub struct FuseAdapter {
+    fs: Arc<NfsFs>,
+    rt: Handle,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<NfsFs>, rt: Handle) -> Self {
+        Self { fs, rt }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn errno(e: FsError) -> Errno {
+    Errno::from_i32(e.0)
+}
+
+fn kind(t: FileType) -> fuser::FileType {
+    match t {
+        FileType::Regular => fuser::FileType::RegularFile,
+        FileType::Directory => fuser::FileType::Directory,
+        FileType::Block => fuser::FileType::BlockDevice,
+        FileType::Char => fuser::FileType::CharDevice,
+        FileType::Symlink => fuser::FileType::Symlink,
+        FileType::Socket => fuser::FileType::Socket,
+        FileType::Fifo => fuser::FileType::NamedPipe,
+    }
+}
+
+pub fn file_attr(ino: u64, a: &Fattr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.used.div_ceil(512),
+        atime: a.atime.to_system_time(),
+        mtime: a.mtime.to_system_time(),
+        ctime: a.ctime.to_system_time(),
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: kind(a.ftype),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: nix::sys::stat::makedev(a.rdev.0 as u64, a.rdev.1 as u64) as u32,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<Entry, FsError>) {
+    match r {
+        Ok(e) => reply.entry_with_ttls(
+            &e.attr_ttl,
+            &e.entry_ttl,
+            &file_attr(e.ino, &e.attr),
+            Generation(e.generation),
+        ),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<(), FsError>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn time_set(t: Option<TimeOrNow>) -> Option<TimeSet> {
+    t.map(|t| match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(t),
+    })
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        if let Err(max) = config.set_max_readahead(MAX_WRITE) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let mut wanted = vec![
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+            InitFlags::FUSE_MAX_PAGES,
+        ];
+        if self.fs.config().rdirplus {
+            wanted.push(InitFlags::FUSE_DO_READDIRPLUS);
+            wanted.push(InitFlags::FUSE_READDIRPLUS_AUTO);
+        }
+        for flag in wanted {
+            if config.add_capabilities(flag).is_err() {
+                debug!(?flag, "kernel lacks FUSE capability");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
+        self.rt.spawn(async move {
+            match fs.lookup(&c, parent.0, &name).await {
+                Err(FsError(libc::ENOENT)) if !fs.negative_ttl().is_zero() => {
+                    // A negative entry (inode 0) lets the kernel cache "absent".
+                    let mut attr = file_attr(0, &fs.session().root_attr);
+                    attr.ino = INodeNo(0);
+                    reply.entry(&fs.negative_ttl(), &attr, Generation(0));
+                }
+                r => reply_entry(reply, r),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        self.rt.spawn(async move {
+            match fs.getattr(&c, ino.0).await {
+                Ok((a, ttl)) => reply.attr(&ttl, &file_attr(ino.0, &a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        let set = SetAttrs {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time_set(atime),
+            mtime: time_set(mtime),
+        };
+        self.rt.spawn(async move {
+            match fs.setattr(&c, ino.0, set).await {
+                Ok((a, ttl)) => reply.attr(&ttl, &file_attr(ino.0, &a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        self.rt.spawn(async move {
+            match fs.readlink(&c, ino.0).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
+        self.rt.spawn(async move {
+            reply_entry(reply, fs.mknod(&c, parent.0, &name, mode & !umask, rdev).await);
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
+        self.rt.spawn(async move {
+            reply_entry(reply, fs.mkdir(&c, parent.0, &name, mode & !umask).await);
+        });
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
+        self.rt.spawn(async move { reply_empty(reply, fs.unlink(&c, parent.0, &name).await) });
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
+        self.rt.spawn(async move { reply_empty(reply, fs.rmdir(&c, parent.0, &name).await) });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        let (name, target) = (link_name.as_bytes().to_vec(), target.as_os_str().as_bytes().to_vec());
+        self.rt.spawn(async move {
+            reply_entry(reply, fs.symlink(&c, parent.0, &name, &target).await);
+        });
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.rt.spawn(async move {
+            let r = fs.rename(&c, parent.0, &name, newparent.0, &newname, flags.bits()).await;
+            reply_empty(reply, r);
+        });
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let (fs, c, name) = (self.fs.clone(), caller(req), newname.as_bytes().to_vec());
+        self.rt.spawn(async move {
+            reply_entry(reply, fs.link(&c, ino.0, newparent.0, &name).await);
+        });
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        self.rt.spawn(async move {
+            match fs.open(&c, ino.0, flags.0).await {
+                Ok(o) => {
+                    let f = if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    reply.opened(FileHandle(o.fh), f);
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        self.rt.spawn(async move {
+            match fs.read(&c, ino.0, offset, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let (fs, c, data) = (self.fs.clone(), caller(req), data.to_vec());
+        self.rt.spawn(async move {
+            match fs.write(&c, ino.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move { reply_empty(reply, fs.flush(ino.0).await) });
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        self.rt.spawn(async move { reply_empty(reply, fs.release(&c, ino.0, fh.0).await) });
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move { reply_empty(reply, fs.fsync(ino.0).await) });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            Ok(h) => reply.opened(FileHandle(h), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(&self, req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        self.rt.spawn(async move {
+            match fs.readdir(&c, fh.0, offset, false).await {
+                Ok(items) => {
+                    for i in items {
+                        if reply.add(INodeNo(i.ino), i.offset, kind(i.kind), OsStr::from_bytes(&i.name)) {
+                            break;
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readdirplus(&self, req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        self.rt.spawn(async move {
+            match fs.readdir(&c, fh.0, offset, true).await {
+                Ok(items) => {
+                    let mut accepted = Vec::new();
+                    let mut rejected = Vec::new();
+                    let mut full = false;
+                    for i in items {
+                        let (attr, ttl, generation) = match &i.entry {
+                            Some(e) => (file_attr(e.ino, &e.attr), e.entry_ttl.min(e.attr_ttl), e.generation),
+                            // "." and ".." (and entries the server sent without
+                            // attributes) go with a zero TTL and no lookup count.
+                            None => {
+                                let mut a = file_attr(i.ino, &fs.session().root_attr);
+                                a.kind = kind(i.kind);
+                                (a, Duration::ZERO, 0)
+                            }
+                        };
+                        if full || reply.add(INodeNo(i.ino), i.offset, OsStr::from_bytes(&i.name), &ttl, &attr, Generation(generation)) {
+                            full = true;
+                            if i.entry.is_some() {
+                                rejected.push(i.ino);
+                            }
+                            continue;
+                        }
+                        if i.entry.is_some() {
+                            accepted.push(i.ino);
+                        }
+                    }
+                    fs.readdirplus_done(&accepted, &rejected);
+                    reply.ok();
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Directory operations are synchronous on an NFSv3 server.
+        reply.ok();
+    }
+
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        self.rt.spawn(async move {
+            match fs.statfs(&c).await {
+                Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let (fs, c) = (self.fs.clone(), caller(req));
+        self.rt.spawn(async move { reply_empty(reply, fs.access(&c, ino.0, mask.bits()).await) });
+    }
+
+    // NFSv3 has no extended attributes. ENOSYS makes the kernel stop asking
+    // (and report EOPNOTSUPP to callers) instead of logging every probe.
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
+        self.rt.spawn(async move {
+            match fs.create(&c, parent.0, &name, mode & !umask, flags).await {
+                Ok((e, o)) => reply.created(
+                    &e.entry_ttl,
+                    &file_attr(e.ino, &e.attr),
+                    Generation(e.generation),
+                    FileHandle(o.fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+}

@@ -1,0 +1,194 @@
+//! The `mount` command's lifecycle: validate, handshake, mount, signal
+//! readiness, serve, and on SIGTERM/SIGINT flush, unmount lazily and exit 0.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fuser::{Config, MountOption, SessionACL};
+use tracing::{info, warn};
+
+use crate::fs::{FsConfig, NfsFs};
+use crate::fuse::FuseAdapter;
+use crate::nfs::session;
+use crate::options::{MountOptions, NfsSource};
+use crate::rpc::{AuthSys, Credential};
+
+pub struct MountRequest {
+    pub source: NfsSource,
+    pub mountpoint: PathBuf,
+    pub options: MountOptions,
+    /// Inherited descriptor to write "OK\n" (or an error line) to once the
+    /// mount is live, so a supervisor can wait without polling.
+    pub ready_fd: Option<i32>,
+}
+
+/// Parses and checks everything that can be checked before touching the network.
+pub fn prepare(source: &str, mountpoint: &Path, options: &[String]) -> anyhow::Result<(NfsSource, PathBuf, MountOptions)> {
+    let source = NfsSource::parse(source)?;
+    let mut opts = MountOptions::default();
+    for o in options {
+        opts.apply(o)?;
+    }
+    if let Some(p) = source.port {
+        opts.port.get_or_insert(p);
+    }
+    let md = std::fs::metadata(mountpoint).with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    if !md.is_dir() {
+        bail!("mountpoint {} is not a directory", mountpoint.display());
+    }
+    Ok((source, mountpoint.to_path_buf(), opts))
+}
+
+fn signal_ready(fd: Option<i32>, msg: &str) {
+    if let Some(fd) = fd {
+        // SAFETY: the caller handed us this descriptor for our exclusive use
+        // (--ready-fd); we take ownership and close it after one write.
+        let mut f = unsafe { File::from(OwnedFd::from_raw_fd(fd)) };
+        let _ = f.write_all(msg.as_bytes());
+    }
+}
+
+/// Lazily detaches the mount so a busy mountpoint still goes away.
+pub fn lazy_unmount(path: &Path) -> nix::Result<()> {
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+}
+
+/// Runs a mount in the foreground until it is unmounted or signalled.
+pub fn run(req: MountRequest) -> anyhow::Result<()> {
+    let result = run_inner(&req);
+    if let Err(e) = &result {
+        signal_ready(req.ready_fd, &format!("ERR {e:#}\n"));
+    }
+    result
+}
+
+fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
+    let opts = &req.options;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nfs-io")
+        .build()?;
+    let me = AuthSys::current_process();
+    let cred = Credential::Sys(AuthSys::new(
+        opts.uid.unwrap_or(me.uid),
+        opts.gid.unwrap_or(me.gid),
+        vec![],
+        me.machine_name.clone(),
+    ));
+    let sess = rt
+        .block_on(session::connect(&req.source.host, &req.source.path, &opts.connect_config(), &cred))
+        .map_err(anyhow::Error::from)?;
+    info!(
+        server = %sess.server, export = %sess.export, rsize = sess.rsize, wsize = sess.wsize,
+        "NFS export mounted"
+    );
+    let _rt_guard = rt.enter();
+    let fs = NfsFs::new(sess.clone(), FsConfig::from_options(opts));
+    let fsname = opts
+        .fsname
+        .clone()
+        .unwrap_or_else(|| format!("{}:{}", req.source.host, req.source.path));
+    let mut mount_options = vec![
+        MountOption::FSName(fsname),
+        MountOption::Subtype("csi-nfs-fuse".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if opts.read_only {
+        mount_options.push(MountOption::RO);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::RootAndOwner };
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
+    let session = fuser::Session::new(adapter, &req.mountpoint, &config)
+        .with_context(|| format!("FUSE mount on {}", req.mountpoint.display()))?;
+    let bg = session.spawn().context("starting FUSE session")?;
+    info!(mountpoint = %req.mountpoint.display(), "mounted");
+    signal_ready(req.ready_fd, "OK\n");
+
+    // Wait for a signal, or for the session to end (external umount).
+    let mountpoint = req.mountpoint.clone();
+    let ended = Arc::new(tokio::sync::Notify::new());
+    let ended2 = ended.clone();
+    let watcher = std::thread::spawn(move || {
+        let r = bg.join();
+        ended2.notify_one();
+        r
+    });
+    let by_signal = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => true,
+            _ = int.recv() => true,
+            _ = ended.notified() => false,
+        }
+    });
+    if by_signal {
+        info!("signal received: flushing and unmounting");
+    } else {
+        info!("unmounted externally");
+    }
+    let flushed = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), fs.flush_all()).await });
+    match flushed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "flushing dirty data failed"),
+        Err(_) => warn!("flushing dirty data timed out"),
+    }
+    if by_signal {
+        if let Err(e) = lazy_unmount(&mountpoint) {
+            warn!(error = %e, "unmount failed");
+        }
+    }
+    let _ = watcher.join();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), sess.unmount(&cred)).await.ok() });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+/// Forks; the parent waits for the child's readiness line and exits with
+/// its verdict, so `mount` returns only once the mount is live.
+pub fn daemonize_and_run(mut req: MountRequest) -> anyhow::Result<()> {
+    let (rd, wr) = nix::unistd::pipe()?;
+    // SAFETY: called before any thread or runtime exists, so the child is a
+    // faithful copy with nothing half-locked.
+    match unsafe { nix::unistd::fork()? } {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(wr);
+            let mut line = String::new();
+            let mut f = File::from(rd);
+            let _ = std::io::Read::read_to_string(&mut f, &mut line);
+            if let Some(parent_fd) = req.ready_fd {
+                signal_ready(Some(parent_fd), &line);
+            }
+            match line.trim_end() {
+                "OK" => Ok(()),
+                "" => bail!("mount process exited before the mount was ready"),
+                other => bail!("{}", other.trim_start_matches("ERR ")),
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(rd);
+            let _ = nix::unistd::setsid();
+            let _ = std::env::set_current_dir("/");
+            req.ready_fd = Some(std::os::fd::IntoRawFd::into_raw_fd(wr));
+            let code = match run(req) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("csi-nfs-fuse: {e:#}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+    }
+}
