@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 use tracing::debug;
@@ -205,14 +205,34 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
         self.rt.spawn(async move {
-            reply_entry(reply, fs.mknod(&c, parent.0, &name, mode & !umask, rdev).await);
+            reply_entry(
+                reply,
+                fs.mknod(&c, parent.0, &name, mode & !umask, rdev).await,
+            );
         });
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
         self.rt.spawn(async move {
             reply_entry(reply, fs.mkdir(&c, parent.0, &name, mode & !umask).await);
@@ -221,17 +241,29 @@ impl Filesystem for FuseAdapter {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
-        self.rt.spawn(async move { reply_empty(reply, fs.unlink(&c, parent.0, &name).await) });
+        self.rt
+            .spawn(async move { reply_empty(reply, fs.unlink(&c, parent.0, &name).await) });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
-        self.rt.spawn(async move { reply_empty(reply, fs.rmdir(&c, parent.0, &name).await) });
+        self.rt
+            .spawn(async move { reply_empty(reply, fs.rmdir(&c, parent.0, &name).await) });
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        let (name, target) = (link_name.as_bytes().to_vec(), target.as_os_str().as_bytes().to_vec());
+        let (name, target) = (
+            link_name.as_bytes().to_vec(),
+            target.as_os_str().as_bytes().to_vec(),
+        );
         self.rt.spawn(async move {
             reply_entry(reply, fs.symlink(&c, parent.0, &name, &target).await);
         });
@@ -250,12 +282,21 @@ impl Filesystem for FuseAdapter {
         let (fs, c) = (self.fs.clone(), caller(req));
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         self.rt.spawn(async move {
-            let r = fs.rename(&c, parent.0, &name, newparent.0, &newname, flags.bits()).await;
+            let r = fs
+                .rename(&c, parent.0, &name, newparent.0, &newname, flags.bits())
+                .await;
             reply_empty(reply, r);
         });
     }
 
-    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let (fs, c, name) = (self.fs.clone(), caller(req), newname.as_bytes().to_vec());
         self.rt.spawn(async move {
             reply_entry(reply, fs.link(&c, ino.0, newparent.0, &name).await);
@@ -267,7 +308,11 @@ impl Filesystem for FuseAdapter {
         self.rt.spawn(async move {
             match fs.open(&c, ino.0, flags.0).await {
                 Ok(o) => {
-                    let f = if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    let f = if o.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
                     reply.opened(FileHandle(o.fh), f);
                 }
                 Err(e) => reply.error(errno(e)),
@@ -316,9 +361,17 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move { reply_empty(reply, fs.flush(ino.0).await) });
+        self.rt
+            .spawn(async move { reply_empty(reply, fs.flush(ino.0).await) });
     }
 
     fn release(
@@ -332,12 +385,21 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt.spawn(async move { reply_empty(reply, fs.release(&c, ino.0, fh.0).await) });
+        self.rt
+            .spawn(async move { reply_empty(reply, fs.release(&c, ino.0, fh.0).await) });
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move { reply_empty(reply, fs.fsync(ino.0).await) });
+        self.rt
+            .spawn(async move { reply_empty(reply, fs.fsync(ino.0).await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -347,13 +409,25 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn readdir(&self, req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let (fs, c) = (self.fs.clone(), caller(req));
         self.rt.spawn(async move {
             match fs.readdir(&c, fh.0, offset, false).await {
                 Ok(items) => {
                     for i in items {
-                        if reply.add(INodeNo(i.ino), i.offset, kind(i.kind), OsStr::from_bytes(&i.name)) {
+                        if reply.add(
+                            INodeNo(i.ino),
+                            i.offset,
+                            kind(i.kind),
+                            OsStr::from_bytes(&i.name),
+                        ) {
                             break;
                         }
                     }
@@ -364,7 +438,14 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn readdirplus(&self, req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let (fs, c) = (self.fs.clone(), caller(req));
         self.rt.spawn(async move {
             match fs.readdir(&c, fh.0, offset, true).await {
@@ -374,7 +455,11 @@ impl Filesystem for FuseAdapter {
                     let mut full = false;
                     for i in items {
                         let (attr, ttl, generation) = match &i.entry {
-                            Some(e) => (file_attr(e.ino, &e.attr), e.entry_ttl.min(e.attr_ttl), e.generation),
+                            Some(e) => (
+                                file_attr(e.ino, &e.attr),
+                                e.entry_ttl.min(e.attr_ttl),
+                                e.generation,
+                            ),
                             // "." and ".." (and entries the server sent without
                             // attributes) go with a zero TTL and no lookup count.
                             None => {
@@ -383,7 +468,16 @@ impl Filesystem for FuseAdapter {
                                 (a, Duration::ZERO, 0)
                             }
                         };
-                        if full || reply.add(INodeNo(i.ino), i.offset, OsStr::from_bytes(&i.name), &ttl, &attr, Generation(generation)) {
+                        if full
+                            || reply.add(
+                                INodeNo(i.ino),
+                                i.offset,
+                                OsStr::from_bytes(&i.name),
+                                &ttl,
+                                &attr,
+                                Generation(generation),
+                            )
+                        {
                             full = true;
                             if i.entry.is_some() {
                                 rejected.push(i.ino);
@@ -402,12 +496,26 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         // Directory operations are synchronous on an NFSv3 server.
         reply.ok();
     }
@@ -416,7 +524,9 @@ impl Filesystem for FuseAdapter {
         let (fs, c) = (self.fs.clone(), caller(req));
         self.rt.spawn(async move {
             match fs.statfs(&c).await {
-                Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize),
+                Ok(s) => reply.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+                ),
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -424,12 +534,20 @@ impl Filesystem for FuseAdapter {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt.spawn(async move { reply_empty(reply, fs.access(&c, ino.0, mask.bits()).await) });
+        self.rt
+            .spawn(async move { reply_empty(reply, fs.access(&c, ino.0, mask.bits()).await) });
     }
 
     // NFSv3 has no extended attributes. ENOSYS makes the kernel stop asking
     // (and report EOPNOTSUPP to callers) instead of logging every probe.
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         reply.error(Errno::ENOSYS);
     }
 
@@ -454,7 +572,16 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::ENOSYS);
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
         self.rt.spawn(async move {
             match fs.create(&c, parent.0, &name, mode & !umask, flags).await {

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use csi_nfs_fuse::mount::{self, MountRequest};
 
 #[derive(Parser)]
-#[command(name = "csi-nfs-fuse", version, about = "NFSv3 volumes through a userspace FUSE client, and a Docker Swarm CSI plugin")]
+#[command(
+    name = "csi-nfs-fuse",
+    version,
+    about = "NFSv3 volumes through a userspace FUSE client, and a Docker Swarm CSI plugin"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -33,10 +37,19 @@ enum Cmd {
 }
 
 fn init_logging(debug: bool) {
-    let default = if debug { "debug" } else { "info" };
+    // fuser warns when it finds the mount already gone at exit; that is our
+    // own lazy unmount (or the user's umount), not a problem.
+    let default = if debug {
+        "debug"
+    } else {
+        "info,fuser::mnt=error"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CSI_NFS_FUSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// `mount -t fuse.csi-nfs-fuse SRC DIR -o OPTS` runs us as
@@ -74,11 +87,15 @@ fn main() {
                 options,
                 ready_fd,
             };
-            if daemon { mount::daemonize_and_run(req) } else { mount::run(req) }
+            if daemon {
+                mount::daemonize_and_run(req)
+            } else {
+                mount::run(req)
+            }
         })(),
     };
     if let Err(e) = result {
-        eprintln!("csi-nfs-fuse: {e:#}");
+        eprintln!("csi-nfs-fuse: {}", csi_nfs_fuse::mount::describe(&e));
         std::process::exit(1);
     }
 }

@@ -28,7 +28,11 @@ pub struct MountRequest {
 }
 
 /// Parses and checks everything that can be checked before touching the network.
-pub fn prepare(source: &str, mountpoint: &Path, options: &[String]) -> anyhow::Result<(NfsSource, PathBuf, MountOptions)> {
+pub fn prepare(
+    source: &str,
+    mountpoint: &Path,
+    options: &[String],
+) -> anyhow::Result<(NfsSource, PathBuf, MountOptions)> {
     let source = NfsSource::parse(source)?;
     let mut opts = MountOptions::default();
     for o in options {
@@ -37,7 +41,8 @@ pub fn prepare(source: &str, mountpoint: &Path, options: &[String]) -> anyhow::R
     if let Some(p) = source.port {
         opts.port.get_or_insert(p);
     }
-    let md = std::fs::metadata(mountpoint).with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    let md = std::fs::metadata(mountpoint)
+        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
     if !md.is_dir() {
         bail!("mountpoint {} is not a directory", mountpoint.display());
     }
@@ -53,6 +58,20 @@ fn signal_ready(fd: Option<i32>, msg: &str) {
     }
 }
 
+/// One line for an error and its causes, skipping causes the message
+/// already spells out (our error types embed their sources).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}
+
 /// Lazily detaches the mount so a busy mountpoint still goes away.
 pub fn lazy_unmount(path: &Path) -> nix::Result<()> {
     nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
@@ -62,7 +81,7 @@ pub fn lazy_unmount(path: &Path) -> nix::Result<()> {
 pub fn run(req: MountRequest) -> anyhow::Result<()> {
     let result = run_inner(&req);
     if let Err(e) = &result {
-        signal_ready(req.ready_fd, &format!("ERR {e:#}\n"));
+        signal_ready(req.ready_fd, &format!("ERR {}\n", describe(e)));
     }
     result
 }
@@ -81,7 +100,12 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
         me.machine_name.clone(),
     ));
     let sess = rt
-        .block_on(session::connect(&req.source.host, &req.source.path, &opts.connect_config(), &cred))
+        .block_on(session::connect(
+            &req.source.host,
+            &req.source.path,
+            &opts.connect_config(),
+            &cred,
+        ))
         .map_err(anyhow::Error::from)?;
     info!(
         server = %sess.server, export = %sess.export, rsize = sess.rsize, wsize = sess.wsize,
@@ -104,7 +128,11 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
     }
     let mut config = Config::default();
     config.mount_options = mount_options;
-    config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::RootAndOwner };
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::RootAndOwner
+    };
     config.n_threads = Some(4);
     config.clone_fd = true;
 
@@ -125,8 +153,10 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
         r
     });
     let by_signal = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .expect("SIGINT handler");
         tokio::select! {
             _ = term.recv() => true,
             _ = int.recv() => true,
@@ -138,19 +168,22 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
     } else {
         info!("unmounted externally");
     }
-    let flushed = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), fs.flush_all()).await });
+    let flushed =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), fs.flush_all()).await });
     match flushed {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(error = %e, "flushing dirty data failed"),
         Err(_) => warn!("flushing dirty data timed out"),
     }
-    if by_signal {
-        if let Err(e) = lazy_unmount(&mountpoint) {
-            warn!(error = %e, "unmount failed");
-        }
+    if by_signal && let Err(e) = lazy_unmount(&mountpoint) {
+        warn!(error = %e, "unmount failed");
     }
     let _ = watcher.join();
-    rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), sess.unmount(&cred)).await.ok() });
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(3), sess.unmount(&cred))
+            .await
+            .ok()
+    });
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
@@ -181,13 +214,8 @@ pub fn daemonize_and_run(mut req: MountRequest) -> anyhow::Result<()> {
             let _ = nix::unistd::setsid();
             let _ = std::env::set_current_dir("/");
             req.ready_fd = Some(std::os::fd::IntoRawFd::into_raw_fd(wr));
-            let code = match run(req) {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("csi-nfs-fuse: {e:#}");
-                    1
-                }
-            };
+            // Errors reach the parent through the readiness pipe.
+            let code = if run(req).is_ok() { 0 } else { 1 };
             std::process::exit(code);
         }
     }

@@ -12,7 +12,10 @@ pub enum OptionError {
     #[error("unknown mount option '{0}'")]
     Unknown(String),
     #[error("mount option '{name}' needs a value ({expected})")]
-    MissingValue { name: String, expected: &'static str },
+    MissingValue {
+        name: String,
+        expected: &'static str,
+    },
     #[error("mount option '{name}' does not take a value")]
     UnexpectedValue { name: String },
     #[error("mount option '{name}={value}': {reason}")]
@@ -97,13 +100,46 @@ impl Default for MountOptions {
 /// Options that mount(8) passes to every helper and that have no NFS meaning;
 /// the kernel VFS flags among them are applied by the FUSE mount itself.
 const GENERIC: &[&str] = &[
-    "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev", "nofail",
-    "suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime", "relatime",
-    "norelatime", "strictatime", "diratime", "nodiratime", "async", "silent", "loud", "ac",
-    "nolock", "sharecache", "intr", "nointr", "fg", "bg",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "diratime",
+    "nodiratime",
+    "async",
+    "silent",
+    "loud",
+    "ac",
+    "nolock",
+    "sharecache",
+    "intr",
+    "nointr",
+    "fg",
+    "bg",
 ];
 
-fn num<T: std::str::FromStr>(name: &str, value: &str, expected: &'static str) -> Result<T, OptionError> {
+fn num<T: std::str::FromStr>(
+    name: &str,
+    value: &str,
+    expected: &'static str,
+) -> Result<T, OptionError> {
     value.parse().map_err(|_| OptionError::BadValue {
         name: name.into(),
         value: value.into(),
@@ -136,7 +172,8 @@ pub fn parse_size(name: &str, value: &str) -> Result<u64, OptionError> {
         _ => (v, 1),
     };
     let n: u64 = num(name, digits, "a size such as 512M")?;
-    n.checked_mul(mult).ok_or_else(|| bad(name, value, "too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| bad(name, value, "too large"))
 }
 
 impl MountOptions {
@@ -157,10 +194,18 @@ impl MountOptions {
             self.apply_one(name, value)?;
         }
         if self.acregmin > self.acregmax {
-            return Err(bad("acregmin", &self.acregmin.as_secs().to_string(), "exceeds acregmax"));
+            return Err(bad(
+                "acregmin",
+                &self.acregmin.as_secs().to_string(),
+                "exceeds acregmax",
+            ));
         }
         if self.acdirmin > self.acdirmax {
-            return Err(bad("acdirmin", &self.acdirmin.as_secs().to_string(), "exceeds acdirmax"));
+            return Err(bad(
+                "acdirmin",
+                &self.acdirmin.as_secs().to_string(),
+                "exceeds acdirmax",
+            ));
         }
         Ok(())
     }
@@ -199,7 +244,11 @@ impl MountOptions {
                 let v = need("tenths of a second")?;
                 let n: u64 = num(name, v, "tenths of a second")?;
                 if n == 0 || n > 6000 {
-                    return Err(bad(name, v, "must be between 1 and 6000 tenths of a second"));
+                    return Err(bad(
+                        name,
+                        v,
+                        "must be between 1 and 6000 tenths of a second",
+                    ));
                 }
                 self.timeo = Duration::from_millis(n * 100);
             }
@@ -304,9 +353,15 @@ impl MountOptions {
                 }
             }
             "sync" => {
-                return Err(bad(name, "", "synchronous mounts are not supported; use fsync"));
+                return Err(bad(
+                    name,
+                    "",
+                    "synchronous mounts are not supported; use fsync",
+                ));
             }
-            _ if GENERIC.contains(&name) || name.starts_with("x-") || name.starts_with("comment") => {}
+            _ if GENERIC.contains(&name)
+                || name.starts_with("x-")
+                || name.starts_with("comment") => {}
             _ => return Err(OptionError::Unknown(name.into())),
         }
         Ok(())
@@ -327,7 +382,9 @@ impl MountOptions {
             mountport: self.mountport,
             rsize: self.rsize,
             wsize: self.wsize,
-            handshake_timeout: self.timeo.clamp(Duration::from_secs(2), Duration::from_secs(15)),
+            handshake_timeout: self
+                .timeo
+                .clamp(Duration::from_secs(2), Duration::from_secs(15)),
         }
     }
 }
@@ -349,10 +406,14 @@ impl NfsSource {
             reason: reason.into(),
         };
         let (host, port, path) = if let Some(rest) = s.strip_prefix("nfs://") {
-            let slash = rest.find('/').ok_or_else(|| bad("missing the export path after the host"))?;
+            let slash = rest
+                .find('/')
+                .ok_or_else(|| bad("missing the export path after the host"))?;
             let (authority, path) = rest.split_at(slash);
             let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-                let end = v6.find(']').ok_or_else(|| bad("unterminated [IPv6] address"))?;
+                let end = v6
+                    .find(']')
+                    .ok_or_else(|| bad("unterminated [IPv6] address"))?;
                 let port = match &v6[end + 1..] {
                     "" => None,
                     p => Some(p.strip_prefix(':').ok_or_else(|| bad("garbage after ]"))?),
@@ -365,15 +426,22 @@ impl NfsSource {
                 }
             };
             let port = match port {
-                Some(p) => Some(p.parse::<u16>().map_err(|_| bad("port is not a number from 1 to 65535"))?),
+                Some(p) => Some(
+                    p.parse::<u16>()
+                        .map_err(|_| bad("port is not a number from 1 to 65535"))?,
+                ),
                 None => None,
             };
             (host, port, path.to_string())
         } else if let Some(v6) = s.strip_prefix('[') {
-            let end = v6.find("]:").ok_or_else(|| bad("expected [IPv6]:/export"))?;
+            let end = v6
+                .find("]:")
+                .ok_or_else(|| bad("expected [IPv6]:/export"))?;
             (v6[..end].to_string(), None, v6[end + 2..].to_string())
         } else {
-            let (h, p) = s.split_once(':').ok_or_else(|| bad("expected nfs://HOST/EXPORT or HOST:/EXPORT"))?;
+            let (h, p) = s
+                .split_once(':')
+                .ok_or_else(|| bad("expected nfs://HOST/EXPORT or HOST:/EXPORT"))?;
             (h.to_string(), None, p.to_string())
         };
         if host.is_empty() {
@@ -388,7 +456,11 @@ impl NfsSource {
         if path.split('/').any(|c| c == "..") {
             return Err(bad("the export path must not contain '..'"));
         }
-        let path = if path.len() > 1 { path.trim_end_matches('/').to_string() } else { path };
+        let path = if path.len() > 1 {
+            path.trim_end_matches('/').to_string()
+        } else {
+            path
+        };
         Ok(Self { host, port, path })
     }
 }
@@ -400,7 +472,10 @@ mod tests {
     #[test]
     fn defaults_follow_nfs5() {
         let o = MountOptions::default();
-        assert_eq!((o.timeo, o.retrans, o.hard), (Duration::from_secs(60), 2, true));
+        assert_eq!(
+            (o.timeo, o.retrans, o.hard),
+            (Duration::from_secs(60), 2, true)
+        );
         assert_eq!((o.acregmin.as_secs(), o.acregmax.as_secs()), (3, 60));
         assert_eq!((o.acdirmin.as_secs(), o.acdirmax.as_secs()), (30, 60));
     }
@@ -415,10 +490,16 @@ mod tests {
         assert_eq!(o.wsize, Some(1 << 20));
         assert_eq!(o.timeo, Duration::from_millis(1500));
         assert!(!o.hard && !o.resvport && o.read_only && o.allow_other && o.debug);
-        assert_eq!((o.nconnect, o.port, o.mountport), (4, Some(2049), Some(20048)));
+        assert_eq!(
+            (o.nconnect, o.port, o.mountport),
+            (4, Some(2049), Some(20048))
+        );
         assert_eq!(o.acdirmax, Duration::from_secs(5));
         assert_eq!(o.lookupcache, LookupCache::Positive);
-        assert_eq!((o.uid, o.gid, o.cache_size), (Some(1000), Some(100), 512 << 20));
+        assert_eq!(
+            (o.uid, o.gid, o.cache_size),
+            (Some(1000), Some(100), 512 << 20)
+        );
         let o = MountOptions::parse("noac").unwrap();
         assert_eq!(o.acregmax, Duration::ZERO);
     }
@@ -445,14 +526,27 @@ mod tests {
     #[test]
     fn sources() {
         let s = NfsSource::parse("nfs://10.0.0.1:2050/mnt/share/sub/").unwrap();
-        assert_eq!((s.host.as_str(), s.port, s.path.as_str()), ("10.0.0.1", Some(2050), "/mnt/share/sub"));
+        assert_eq!(
+            (s.host.as_str(), s.port, s.path.as_str()),
+            ("10.0.0.1", Some(2050), "/mnt/share/sub")
+        );
         let s = NfsSource::parse("server.example:/export").unwrap();
-        assert_eq!((s.host.as_str(), s.port, s.path.as_str()), ("server.example", None, "/export"));
+        assert_eq!(
+            (s.host.as_str(), s.port, s.path.as_str()),
+            ("server.example", None, "/export")
+        );
         let s = NfsSource::parse("nfs://[::1]:2049/e").unwrap();
         assert_eq!((s.host.as_str(), s.port), ("::1", Some(2049)));
         let s = NfsSource::parse("[fe80::1]:/e").unwrap();
         assert_eq!(s.host, "fe80::1");
-        for bad in ["nfs://host", "host", "host:relative", "nfs:///e", "h:/a/../b", "nfs://h:99999/e"] {
+        for bad in [
+            "nfs://host",
+            "host",
+            "host:relative",
+            "nfs:///e",
+            "h:/a/../b",
+            "nfs://h:99999/e",
+        ] {
             assert!(NfsSource::parse(bad).is_err(), "{bad} accepted");
         }
     }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use csi_nfs_fuse::nfs::{NfsClient, Failure, FileHandle};
+use csi_nfs_fuse::nfs::{Failure, FileHandle, NfsClient};
 use csi_nfs_fuse::rpc::{AuthSys, Credential, RpcClient, RpcConfig, RpcError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -52,7 +52,8 @@ fn soft(timeo_ms: u64, retrans: u32) -> RpcConfig {
 
 fn cpu_time() -> Duration {
     let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
-    let tv = |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    let tv =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
     tv(r.user_time()) + tv(r.system_time())
 }
 
@@ -71,12 +72,15 @@ async fn serve(handler: fn(u32) -> Option<Vec<u8>>) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 while let Some(xid) = read_call(&mut sock).await {
                     match handler(xid) {
                         Some(reply) => {
-                            let mut rec = ((reply.len() as u32) | 0x8000_0000).to_be_bytes().to_vec();
+                            let mut rec =
+                                ((reply.len() as u32) | 0x8000_0000).to_be_bytes().to_vec();
                             rec.extend_from_slice(&reply);
                             if sock.write_all(&rec).await.is_err() {
                                 return;
@@ -109,7 +113,10 @@ async fn server_that_hangs_up_gives_an_error_without_spinning() {
     let wall = start.elapsed();
     let cpu = cpu_time() - cpu0;
     assert!(matches!(err, RpcError::TimedOut { .. }), "{err}");
-    assert!(wall <= Duration::from_millis(2500), "soft call took {wall:?}, beyond timeo x retrans");
+    assert!(
+        wall <= Duration::from_millis(2500),
+        "soft call took {wall:?}, beyond timeo x retrans"
+    );
     // A busy loop on EOF would burn a whole core for the whole wait.
     assert!(cpu < wall / 4, "used {cpu:?} of CPU in {wall:?}");
 }
@@ -177,7 +184,10 @@ async fn silent_server_soft_call_fails_within_timeo_times_retrans() {
     let err = NfsClient::new(rpc.clone()).null(&cred()).await.unwrap_err();
     let took = start.elapsed();
     assert!(matches!(err, RpcError::TimedOut { .. }), "{err}");
-    assert!(took >= Duration::from_millis(850) && took < Duration::from_millis(1500), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(850) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
     assert!(rpc.stats().retransmits >= 2, "{:?}", rpc.stats());
 }
 
@@ -201,8 +211,14 @@ async fn hard_call_survives_a_server_that_drops_the_first_connection() {
             ..Default::default()
         },
     );
-    NfsClient::new(rpc.clone()).null(&cred()).await.expect("resent after reconnect");
+    NfsClient::new(rpc.clone())
+        .null(&cred())
+        .await
+        .expect("resent after reconnect");
     let st = rpc.stats();
     assert_eq!(st.connects, 2, "{st:?}");
-    assert_eq!(st.calls_sent, 2, "the same call was sent once per connection: {st:?}");
+    assert_eq!(
+        st.calls_sent, 2,
+        "the same call was sent once per connection: {st:?}"
+    );
 }

@@ -40,7 +40,11 @@ async fn concurrent_reads_on_one_connection_get_their_own_bytes() {
     }
     for t in tasks {
         let (i, data) = t.await.unwrap();
-        assert_eq!(&data[..], &block(i)[..], "block {i} got someone else's bytes");
+        assert_eq!(
+            &data[..],
+            &block(i)[..],
+            "block {i} got someone else's bytes"
+        );
     }
     let stats = s.nfs.rpc().stats();
     assert_eq!(stats.connects, 1, "all calls on one connection");
@@ -69,7 +73,13 @@ async fn multi_fragment_calls_and_nconnect_round_trip() {
     let mut fhs = Vec::new();
     for k in 0..8 {
         let name = format!("w{k}.bin");
-        fhs.push(s.nfs.lookup(&cred, &s.root, name.as_bytes()).await.unwrap().fh);
+        fhs.push(
+            s.nfs
+                .lookup(&cred, &s.root, name.as_bytes())
+                .await
+                .unwrap()
+                .fh,
+        );
     }
     let payload: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
     let mut tasks = Vec::new();
@@ -104,12 +114,16 @@ async fn multi_fragment_calls_and_nconnect_round_trip() {
 async fn missing_export_and_closed_port_fail_fast_with_clear_errors() {
     let port = start_memfs(MemFsConfig::default()).await;
     let cfg = memfs_config(port, RpcConfig::default());
-    let err = csi_nfs_fuse::nfs::session::connect("127.0.0.1", "/no/such/export", &cfg, &root_cred())
-        .await
-        .err()
-        .expect("mount of a missing export must fail");
+    let err =
+        csi_nfs_fuse::nfs::session::connect("127.0.0.1", "/no/such/export", &cfg, &root_cred())
+            .await
+            .err()
+            .expect("mount of a missing export must fail");
     let msg = err.to_string();
-    assert!(msg.contains("/no/such/export") && msg.contains("127.0.0.1"), "{msg}");
+    assert!(
+        msg.contains("/no/such/export") && msg.contains("127.0.0.1"),
+        "{msg}"
+    );
 
     // A closed loopback port: connection refused, reported at once.
     let closed = {
@@ -122,7 +136,11 @@ async fn missing_export_and_closed_port_fail_fast_with_clear_errors() {
         .await
         .err()
         .expect("closed port must fail");
-    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
     let msg = err.to_string();
     assert!(msg.contains("refused"), "{msg}");
 }

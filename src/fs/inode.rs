@@ -215,7 +215,10 @@ mod tests {
             fsid: 1,
             fileid,
             atime: NfsTime::default(),
-            mtime: NfsTime { seconds: mtime, nseconds: 0 },
+            mtime: NfsTime {
+                seconds: mtime,
+                nseconds: 0,
+            },
             ctime: NfsTime::default(),
         }
     }
@@ -252,7 +255,11 @@ mod tests {
         t.remember(&fh(1), &attr(10, 1), 1);
         assert_eq!(t.get(ino).unwrap().nlookup, 2);
         let (_, gen1) = t.remember(&fh(9), &attr(10, 1), 0);
-        assert_eq!(gen1, gen0 + 1, "a new handle for the same fileid bumps the generation");
+        assert_eq!(
+            gen1,
+            gen0 + 1,
+            "a new handle for the same fileid bumps the generation"
+        );
         t.forget(ino, 1);
         assert!(t.get(ino).is_some());
         t.forget(ino, 1);

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use nfs3_types::nfs3::{
-    Nfs3Option, createhow3, createverf3, devicedata3, mknoddata3, nfstime3, sattr3,
-    set_atime, set_mtime, specdata3,
+    Nfs3Option, createhow3, createverf3, devicedata3, mknoddata3, nfstime3, sattr3, set_atime,
+    set_mtime, specdata3,
 };
 use parking_lot::Mutex;
 
@@ -23,9 +23,7 @@ pub use errno::FsError;
 pub use inode::{AttrTimeouts, ROOT_INO};
 
 use crate::nfs::client::sattr_mode;
-use crate::nfs::{
-    CookieVerf, CreatedOk, Fattr, FileHandle, FileType, NfsClient, NfsSession, Wcc,
-};
+use crate::nfs::{CookieVerf, CreatedOk, Fattr, FileHandle, FileType, NfsClient, NfsSession, Wcc};
 use crate::options::{LookupCache, MountOptions};
 use crate::rpc::{AuthSys, Credential};
 use inode::InodeTable;
@@ -43,7 +41,11 @@ pub struct Caller {
 
 impl Caller {
     pub fn root() -> Self {
-        Self { uid: 0, gid: 0, pid: 0 }
+        Self {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        }
     }
 }
 
@@ -140,6 +142,9 @@ pub struct StatFs {
     pub namelen: u32,
 }
 
+/// Supplementary groups read from /proc for a pid: (when, uid, groups).
+type CachedGroups = (Instant, u32, Vec<u32>);
+
 struct DirStream {
     ino: u64,
     verf: CookieVerf,
@@ -158,7 +163,10 @@ pub struct NfsFs {
     next_handle: AtomicU64,
     open_files: AtomicUsize,
     silly_counter: AtomicU64,
-    groups: Mutex<lru::LruCache<u32, (Instant, u32, Vec<u32>)>>,
+    groups: Mutex<lru::LruCache<u32, CachedGroups>>,
+    /// Recently seen (parent, name) → inode, so unlink and rename can expire
+    /// the attributes (nlink, ctime) of the object they changed.
+    dentries: Mutex<lru::LruCache<(u64, Bytes), u64>>,
 }
 
 fn check_name(name: &[u8]) -> Result<(), FsError> {
@@ -187,7 +195,11 @@ fn proc_groups(pid: u32) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -215,6 +227,7 @@ impl NfsFs {
             open_files: AtomicUsize::new(0),
             silly_counter: AtomicU64::new(0),
             groups: Mutex::new(lru::LruCache::new(NonZeroUsize::new(256).unwrap())),
+            dentries: Mutex::new(lru::LruCache::new(NonZeroUsize::new(65536).unwrap())),
         })
     }
 
@@ -233,7 +246,9 @@ impl NfsFs {
         inodes.with(ino, |i| {
             if let Some(after) = wcc.after {
                 match (wcc.before, i.data_key) {
-                    (Some(before), Some(key)) if before == key => i.data_key = Some(after.change_key()),
+                    (Some(before), Some(key)) if before == key => {
+                        i.data_key = Some(after.change_key())
+                    }
                     (Some(_), Some(_)) | (None, _) => i.data_key = None,
                     (Some(_), None) => {}
                 }
@@ -252,7 +267,9 @@ impl NfsFs {
         } else {
             let mut cache = self.groups.lock();
             match cache.get(&c.pid) {
-                Some((at, u, g)) if *u == c.uid && at.elapsed() < Duration::from_secs(2) => g.clone(),
+                Some((at, u, g)) if *u == c.uid && at.elapsed() < Duration::from_secs(2) => {
+                    g.clone()
+                }
                 _ => {
                     let g = proc_groups(c.pid);
                     cache.put(c.pid, (Instant::now(), c.uid, g.clone()));
@@ -308,6 +325,20 @@ impl NfsFs {
         }
     }
 
+    fn note_dentry(&self, parent: u64, name: &[u8], ino: u64) {
+        self.dentries
+            .lock()
+            .put((parent, Bytes::copy_from_slice(name)), ino);
+    }
+
+    /// The object `name` named changed (nlink, ctime): expire its attributes.
+    fn expire_dentry(&self, parent: u64, name: &[u8]) {
+        let key = (parent, Bytes::copy_from_slice(name));
+        if let Some(ino) = self.dentries.lock().pop(&key) {
+            self.inodes.invalidate_attr(ino);
+        }
+    }
+
     fn update_dir(&self, dir_ino: u64, wcc: &Wcc) {
         match wcc.after {
             Some(a) => self.inodes.update_attr(dir_ino, &a),
@@ -327,7 +358,9 @@ impl NfsFs {
             Some(a) => a,
             None => self.nfs.getattr(&cred, &ok.fh).await?.attr,
         };
-        Ok(self.entry_for(&ok.fh, &attr, 1))
+        let e = self.entry_for(&ok.fh, &attr, 1);
+        self.note_dentry(parent, name, e.ino);
+        Ok(e)
     }
 
     pub fn forget(&self, ino: u64, nlookup: u64) {
@@ -348,7 +381,12 @@ impl NfsFs {
         self.refresh_attr(c, ino, &inode.fh).await
     }
 
-    async fn refresh_attr(&self, c: &Caller, ino: u64, fh: &FileHandle) -> Result<(Fattr, Duration), FsError> {
+    async fn refresh_attr(
+        &self,
+        c: &Caller,
+        ino: u64,
+        fh: &FileHandle,
+    ) -> Result<(Fattr, Duration), FsError> {
         let attr = self.nfs.getattr(&self.cred(c), fh).await?.attr;
         self.inodes.update_attr(ino, &attr);
         let ttl = self
@@ -359,7 +397,12 @@ impl NfsFs {
         Ok((attr, ttl))
     }
 
-    pub async fn setattr(&self, c: &Caller, ino: u64, set: SetAttrs) -> Result<(Fattr, Duration), FsError> {
+    pub async fn setattr(
+        &self,
+        c: &Caller,
+        ino: u64,
+        set: SetAttrs,
+    ) -> Result<(Fattr, Duration), FsError> {
         self.writable()?;
         let fh = self.fh(ino)?;
         if let Some(size) = set.size {
@@ -374,7 +417,9 @@ impl NfsFs {
         let (aset, at) = time(set.atime);
         let (mset, mt) = time(set.mtime);
         let attrs = sattr3 {
-            mode: set.mode.map_or(Nfs3Option::None, |m| Nfs3Option::Some(m & 0o7777)),
+            mode: set
+                .mode
+                .map_or(Nfs3Option::None, |m| Nfs3Option::Some(m & 0o7777)),
             uid: set.uid.map_or(Nfs3Option::None, Nfs3Option::Some),
             gid: set.gid.map_or(Nfs3Option::None, Nfs3Option::Some),
             size: set.size.map_or(Nfs3Option::None, Nfs3Option::Some),
@@ -414,7 +459,14 @@ impl NfsFs {
         Ok(self.nfs.readlink(&self.cred(c), &fh).await?.target)
     }
 
-    async fn created(&self, c: &Caller, parent: u64, dir: &FileHandle, name: &[u8], ok: CreatedOk) -> Result<Entry, FsError> {
+    async fn created(
+        &self,
+        c: &Caller,
+        parent: u64,
+        dir: &FileHandle,
+        name: &[u8],
+        ok: CreatedOk,
+    ) -> Result<Entry, FsError> {
         self.update_dir(parent, &ok.dir_wcc);
         let cred = self.cred(c);
         let fh = match ok.fh {
@@ -425,10 +477,19 @@ impl NfsFs {
             Some(a) => a,
             None => self.nfs.getattr(&cred, &fh).await?.attr,
         };
-        Ok(self.entry_for(&fh, &attr, 1))
+        let e = self.entry_for(&fh, &attr, 1);
+        self.note_dentry(parent, name, e.ino);
+        Ok(e)
     }
 
-    pub async fn mknod(&self, c: &Caller, parent: u64, name: &[u8], mode: u32, rdev: u32) -> Result<Entry, FsError> {
+    pub async fn mknod(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Entry, FsError> {
         self.writable()?;
         check_name(name)?;
         let dir = self.fh(parent)?;
@@ -447,24 +508,55 @@ impl NfsFs {
                     .create(&cred, &dir, name, createhow3::GUARDED(attrs.clone()))
                     .await?
             }
-            libc::S_IFIFO => self.nfs.mknod(&cred, &dir, name, mknoddata3::NF3FIFO(attrs.clone())).await?,
-            libc::S_IFSOCK => self.nfs.mknod(&cred, &dir, name, mknoddata3::NF3SOCK(attrs.clone())).await?,
-            libc::S_IFCHR => self.nfs.mknod(&cred, &dir, name, mknoddata3::NF3CHR(dev())).await?,
-            libc::S_IFBLK => self.nfs.mknod(&cred, &dir, name, mknoddata3::NF3BLK(dev())).await?,
+            libc::S_IFIFO => {
+                self.nfs
+                    .mknod(&cred, &dir, name, mknoddata3::NF3FIFO(attrs.clone()))
+                    .await?
+            }
+            libc::S_IFSOCK => {
+                self.nfs
+                    .mknod(&cred, &dir, name, mknoddata3::NF3SOCK(attrs.clone()))
+                    .await?
+            }
+            libc::S_IFCHR => {
+                self.nfs
+                    .mknod(&cred, &dir, name, mknoddata3::NF3CHR(dev()))
+                    .await?
+            }
+            libc::S_IFBLK => {
+                self.nfs
+                    .mknod(&cred, &dir, name, mknoddata3::NF3BLK(dev()))
+                    .await?
+            }
             _ => return Err(FsError::INVAL),
         };
         self.created(c, parent, &dir, name, ok).await
     }
 
-    pub async fn mkdir(&self, c: &Caller, parent: u64, name: &[u8], mode: u32) -> Result<Entry, FsError> {
+    pub async fn mkdir(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<Entry, FsError> {
         self.writable()?;
         check_name(name)?;
         let dir = self.fh(parent)?;
-        let ok = self.nfs.mkdir(&self.cred(c), &dir, name, sattr_mode(mode & 0o7777)).await?;
+        let ok = self
+            .nfs
+            .mkdir(&self.cred(c), &dir, name, sattr_mode(mode & 0o7777))
+            .await?;
         self.created(c, parent, &dir, name, ok).await
     }
 
-    pub async fn symlink(&self, c: &Caller, parent: u64, name: &[u8], target: &[u8]) -> Result<Entry, FsError> {
+    pub async fn symlink(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<Entry, FsError> {
         self.writable()?;
         check_name(name)?;
         let dir = self.fh(parent)?;
@@ -475,7 +567,13 @@ impl NfsFs {
         self.created(c, parent, &dir, name, ok).await
     }
 
-    pub async fn link(&self, c: &Caller, ino: u64, newparent: u64, newname: &[u8]) -> Result<Entry, FsError> {
+    pub async fn link(
+        &self,
+        c: &Caller,
+        ino: u64,
+        newparent: u64,
+        newname: &[u8],
+    ) -> Result<Entry, FsError> {
         self.writable()?;
         check_name(newname)?;
         let fh = self.fh(ino)?;
@@ -487,13 +585,21 @@ impl NfsFs {
             Some(a) => a,
             None => self.nfs.getattr(&cred, &fh).await?.attr,
         };
-        Ok(self.entry_for(&fh, &attr, 1))
+        let e = self.entry_for(&fh, &attr, 1);
+        self.note_dentry(newparent, newname, e.ino);
+        Ok(e)
     }
 
     /// If `name` in `dir` is a file we hold open, renames it to a hidden
     /// `.nfs` name (as the kernel client's silly-rename does) so it stays
     /// readable until the last close. Returns true if it did.
-    async fn silly_rename(&self, c: &Caller, parent: u64, dir: &FileHandle, name: &[u8]) -> Result<bool, FsError> {
+    async fn silly_rename(
+        &self,
+        c: &Caller,
+        parent: u64,
+        dir: &FileHandle,
+        name: &[u8],
+    ) -> Result<bool, FsError> {
         if self.open_files.load(Ordering::Relaxed) == 0 {
             return Ok(false);
         }
@@ -501,9 +607,14 @@ impl NfsFs {
         let Ok(found) = self.nfs.lookup(&cred, dir, name).await else {
             return Ok(false);
         };
-        let Some(attr) = found.attr else { return Ok(false) };
+        let Some(attr) = found.attr else {
+            return Ok(false);
+        };
         let ino = self.inodes.ino_of(attr.fileid);
-        let open = self.inodes.get(ino).is_some_and(|i| i.open_count > 0 && i.fh == found.fh);
+        let open = self
+            .inodes
+            .get(ino)
+            .is_some_and(|i| i.open_count > 0 && i.fh == found.fh);
         if !open || attr.ftype == FileType::Directory {
             return Ok(false);
         }
@@ -512,6 +623,7 @@ impl NfsFs {
         let ok = self.nfs.rename(&cred, dir, name, dir, &silly).await?;
         self.update_dir(parent, &ok.to_wcc);
         self.inodes.with(ino, |i| i.silly = Some((parent, silly)));
+        self.expire_dentry(parent, name);
         self.inodes.invalidate_attr(ino);
         Ok(true)
     }
@@ -525,6 +637,7 @@ impl NfsFs {
         }
         let ok = self.nfs.remove(&self.cred(c), &dir, name).await?;
         self.update_dir(parent, &ok.dir_wcc);
+        self.expire_dentry(parent, name);
         Ok(())
     }
 
@@ -534,6 +647,7 @@ impl NfsFs {
         let dir = self.fh(parent)?;
         let ok = self.nfs.rmdir(&self.cred(c), &dir, name).await?;
         self.update_dir(parent, &ok.dir_wcc);
+        self.expire_dentry(parent, name);
         Ok(())
     }
 
@@ -558,9 +672,14 @@ impl NfsFs {
         let to = self.fh(newparent)?;
         // An open file about to be replaced keeps its data, as on a local fs.
         self.silly_rename(c, newparent, &to, newname).await?;
-        let ok = self.nfs.rename(&self.cred(c), &from, name, &to, newname).await?;
+        let ok = self
+            .nfs
+            .rename(&self.cred(c), &from, name, &to, newname)
+            .await?;
         self.update_dir(parent, &ok.from_wcc);
         self.update_dir(newparent, &ok.to_wcc);
+        self.expire_dentry(parent, name);
+        self.expire_dentry(newparent, newname);
         Ok(())
     }
 
@@ -612,7 +731,10 @@ impl NfsFs {
         let cred = self.cred(c);
         let entry = if flags & libc::O_EXCL != 0 {
             let verf = createverf3(rand::random());
-            let ok = self.nfs.create(&cred, &dir, name, createhow3::EXCLUSIVE(verf)).await?;
+            let ok = self
+                .nfs
+                .create(&cred, &dir, name, createhow3::EXCLUSIVE(verf))
+                .await?;
             let entry = self.created(c, parent, &dir, name, ok).await?;
             // EXCLUSIVE create stores the verifier in the attributes; set the
             // real mode now (RFC 1813 §3.3.8).
@@ -625,11 +747,17 @@ impl NfsFs {
         } else {
             let ok = self
                 .nfs
-                .create(&cred, &dir, name, createhow3::UNCHECKED(sattr_mode(mode & 0o7777)))
+                .create(
+                    &cred,
+                    &dir,
+                    name,
+                    createhow3::UNCHECKED(sattr_mode(mode & 0o7777)),
+                )
                 .await?;
             self.created(c, parent, &dir, name, ok).await?
         };
-        self.inodes.with(entry.ino, |i| i.data_key = Some(entry.attr.change_key()));
+        self.inodes
+            .with(entry.ino, |i| i.data_key = Some(entry.attr.change_key()));
         let handle = self.register_open(entry.ino);
         Ok((
             entry,
@@ -641,7 +769,13 @@ impl NfsFs {
     }
 
     /// READ, split into rsize calls issued together.
-    pub async fn read(&self, c: &Caller, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+    pub async fn read(
+        &self,
+        c: &Caller,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, FsError> {
         if self.writeback.is_dirty(ino) {
             self.writeback.drain(ino).await?;
         }
@@ -661,7 +795,11 @@ impl NfsFs {
             self.inodes.update_attr(ino, &a);
         }
         if replies.len() == 1 {
-            return Ok(replies.into_iter().next().map(|r| r.data).unwrap_or_default());
+            return Ok(replies
+                .into_iter()
+                .next()
+                .map(|r| r.data)
+                .unwrap_or_default());
         }
         let mut out = BytesMut::with_capacity(size as usize);
         for r in replies {
@@ -674,10 +812,18 @@ impl NfsFs {
         Ok(out.freeze())
     }
 
-    pub async fn write(&self, c: &Caller, ino: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+    pub async fn write(
+        &self,
+        c: &Caller,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u32, FsError> {
         self.writable()?;
         let fh = self.fh(ino)?;
-        self.writeback.write(ino, &fh, &self.cred(c), offset, data).await?;
+        self.writeback
+            .write(ino, &fh, &self.cred(c), offset, data)
+            .await?;
         Ok(data.len() as u32)
     }
 
@@ -699,15 +845,18 @@ impl NfsFs {
             .inodes
             .with(ino, |i| {
                 i.open_count = i.open_count.saturating_sub(1);
-                if i.open_count == 0 { i.silly.take() } else { None }
+                if i.open_count == 0 {
+                    i.silly.take()
+                } else {
+                    None
+                }
             })
             .flatten();
-        if let Some((parent, name)) = silly {
-            if let Ok(dir) = self.fh(parent) {
-                if let Err(e) = self.nfs.remove(&self.cred(c), &dir, &name).await {
-                    tracing::warn!(ino, name = ?name, error = %e, "could not remove silly-renamed file");
-                }
-            }
+        if let Some((parent, name)) = silly
+            && let Ok(dir) = self.fh(parent)
+            && let Err(e) = self.nfs.remove(&self.cred(c), &dir, &name).await
+        {
+            tracing::warn!(ino, name = ?name, error = %e, "could not remove silly-renamed file");
         }
         self.writeback.release(ino);
         self.inodes.forget(ino, 0);
@@ -736,7 +885,13 @@ impl NfsFs {
     /// Entries after `offset` (0: the start). With `plus`, each item carries
     /// attributes; the caller must report which it handed to the kernel with
     /// [`NfsFs::readdirplus_done`] so lookup counts stay right.
-    pub async fn readdir(&self, c: &Caller, handle: u64, offset: u64, plus: bool) -> Result<Vec<DirItem>, FsError> {
+    pub async fn readdir(
+        &self,
+        c: &Caller,
+        handle: u64,
+        offset: u64,
+        plus: bool,
+    ) -> Result<Vec<DirItem>, FsError> {
         let (ino, verf, cached) = {
             let dirs = self.dirs.lock();
             let s = dirs.get(&handle).ok_or(FsError::BADF)?;
@@ -751,7 +906,9 @@ impl NfsFs {
             (s.ino, s.verf, cached)
         };
         match cached {
-            Some((rest, _)) if !rest.is_empty() && (!plus || rest.iter().all(|i| i.entry.is_some())) => {
+            Some((rest, _))
+                if !rest.is_empty() && (!plus || rest.iter().all(|i| i.entry.is_some())) =>
+            {
                 return Ok(rest);
             }
             Some((_, true)) => return Ok(Vec::new()),
@@ -759,7 +916,11 @@ impl NfsFs {
         }
         let dir = self.fh(ino)?;
         let cred = self.cred(c);
-        let verf = if offset == 0 { CookieVerf::default() } else { verf };
+        let verf = if offset == 0 {
+            CookieVerf::default()
+        } else {
+            verf
+        };
         let dtpref = self.session.fsinfo.dtpref.clamp(4096, 64 << 10);
         let (items, new_verf, eof) = if plus || self.cfg.rdirplus {
             let page = self
@@ -774,8 +935,12 @@ impl NfsFs {
                 .into_iter()
                 .map(|e| {
                     let entry = match (&e.fh, &e.attr) {
-                        (Some(fh), Some(a)) if e.name.as_ref() != b"." && e.name.as_ref() != b".." => {
-                            Some(self.entry_for(fh, a, 0))
+                        (Some(fh), Some(a))
+                            if e.name.as_ref() != b"." && e.name.as_ref() != b".." =>
+                        {
+                            let entry = self.entry_for(fh, a, 0);
+                            self.note_dentry(ino, &e.name, entry.ino);
+                            Some(entry)
                         }
                         _ => None,
                     };

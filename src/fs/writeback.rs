@@ -132,7 +132,11 @@ impl WriteBack {
         if let Some(e) = file.state.lock().error.take() {
             return Err(e);
         }
-        let permit = match self.budget.clone().try_acquire_many_owned(data.len() as u32) {
+        let permit = match self
+            .budget
+            .clone()
+            .try_acquire_many_owned(data.len() as u32)
+        {
             Ok(p) => p,
             Err(_) => {
                 // At the bound: ask the flusher to commit, then wait our turn.
@@ -226,7 +230,13 @@ impl WriteBack {
         while done < data.len() {
             let ok = self
                 .nfs
-                .write(cred, fh, offset + done as u64, &data[done..], StableHow::Unstable)
+                .write(
+                    cred,
+                    fh,
+                    offset + done as u64,
+                    &data[done..],
+                    StableHow::Unstable,
+                )
                 .await?;
             (self.wcc_sink)(ino, &ok.wcc);
             if ok.count == 0 {
@@ -293,7 +303,10 @@ impl WriteBack {
         let (chunks, cred) = {
             let mut s = file.state.lock();
             s.oldest_uncommitted = None;
-            (std::mem::take(&mut s.uncommitted), s.cred.clone().unwrap_or(Credential::None))
+            (
+                std::mem::take(&mut s.uncommitted),
+                s.cred.clone().unwrap_or(Credential::None),
+            )
         };
         if chunks.is_empty() {
             return Ok(());
@@ -309,15 +322,28 @@ impl WriteBack {
             }
         };
         (self.wcc_sink)(ino, &commit.wcc);
-        let lost: Vec<Chunk> = chunks.into_iter().filter(|c| c.verf != commit.verf).collect();
+        let lost: Vec<Chunk> = chunks
+            .into_iter()
+            .filter(|c| c.verf != commit.verf)
+            .collect();
         if !lost.is_empty() {
-            warn!(ino, chunks = lost.len(), "write verifier changed (server restart?): resending uncommitted data");
+            warn!(
+                ino,
+                chunks = lost.len(),
+                "write verifier changed (server restart?): resending uncommitted data"
+            );
             for c in lost {
                 let mut done = 0usize;
                 while done < c.data.len() {
                     let ok = self
                         .nfs
-                        .write(&cred, &file.fh, c.offset + done as u64, &c.data[done..], StableHow::FileSync)
+                        .write(
+                            &cred,
+                            &file.fh,
+                            c.offset + done as u64,
+                            &c.data[done..],
+                            StableHow::FileSync,
+                        )
                         .await?;
                     (self.wcc_sink)(ino, &ok.wcc);
                     if ok.count == 0 {
@@ -335,7 +361,11 @@ impl WriteBack {
         let mut files = self.files.lock();
         if let Some(f) = files.get(&ino) {
             let s = f.state.lock();
-            if s.gather.is_none() && s.inflight == 0 && s.uncommitted.is_empty() && s.error.is_none() {
+            if s.gather.is_none()
+                && s.inflight == 0
+                && s.uncommitted.is_empty()
+                && s.error.is_none()
+            {
                 drop(s);
                 files.remove(&ino);
             }
@@ -374,8 +404,12 @@ impl WriteBack {
                 }
             };
             let under_pressure = notified || this.budget_in_use() * 2 > this.budget_bytes;
-            let files: Vec<(u64, Arc<FileWrites>)> =
-                this.files.lock().iter().map(|(k, v)| (*k, v.clone())).collect();
+            let files: Vec<(u64, Arc<FileWrites>)> = this
+                .files
+                .lock()
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
             for (ino, file) in files {
                 let (send, commit) = {
                     let mut s = file.state.lock();
@@ -387,7 +421,9 @@ impl WriteBack {
                         _ => None,
                     };
                     let commit = !s.uncommitted.is_empty()
-                        && (under_pressure || s.oldest_uncommitted.is_some_and(|t| t.elapsed() >= COMMIT_AGE));
+                        && (under_pressure
+                            || s.oldest_uncommitted
+                                .is_some_and(|t| t.elapsed() >= COMMIT_AGE));
                     (send, commit)
                 };
                 if let Some(g) = send {

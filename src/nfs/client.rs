@@ -2,10 +2,10 @@
 
 use nfs3_types::nfs3::{
     ACCESS3args, COMMIT3args, CREATE3args, FSINFO3args, FSSTAT3args, GETATTR3args, LINK3args,
-    LOOKUP3args, MKDIR3args, MKNOD3args, PATHCONF3args, READ3args, READDIR3args,
-    READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args,
-    SYMLINK3args, WRITE3args, cookieverf3, createhow3, diropargs3, filename3, mknoddata3,
-    nfsstat3, nfspath3, nfstime3, sattr3, symlinkdata3,
+    LOOKUP3args, MKDIR3args, MKNOD3args, PATHCONF3args, READ3args, READDIR3args, READDIRPLUS3args,
+    READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args,
+    cookieverf3, createhow3, diropargs3, filename3, mknoddata3, nfspath3, nfsstat3, nfstime3,
+    sattr3, symlinkdata3,
 };
 use nfs3_types::xdr_codec::{Opaque, Pack, Void};
 
@@ -109,7 +109,14 @@ impl NfsClient {
     }
 
     pub async fn getattr(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<GetattrOk, ()> {
-        self.call(1, cred, &GETATTR3args { object: fh.to_nfs() }).await
+        self.call(
+            1,
+            cred,
+            &GETATTR3args {
+                object: fh.to_nfs(),
+            },
+        )
+        .await
     }
 
     /// SETATTR; `guard` is the ctime the object must still have (RFC 1813 §3.3.2).
@@ -141,7 +148,14 @@ impl NfsClient {
         dir: &FileHandle,
         name: &[u8],
     ) -> NfsResult<LookupOk, AttrFail> {
-        self.call(3, cred, &LOOKUP3args { what: dirop(dir, name) }).await
+        self.call(
+            3,
+            cred,
+            &LOOKUP3args {
+                what: dirop(dir, name),
+            },
+        )
+        .await
     }
 
     pub async fn access(
@@ -157,8 +171,19 @@ impl NfsClient {
         self.call(4, cred, &args).await
     }
 
-    pub async fn readlink(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<ReadlinkOk, AttrFail> {
-        self.call(5, cred, &READLINK3args { symlink: fh.to_nfs() }).await
+    pub async fn readlink(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+    ) -> NfsResult<ReadlinkOk, AttrFail> {
+        self.call(
+            5,
+            cred,
+            &READLINK3args {
+                symlink: fh.to_nfs(),
+            },
+        )
+        .await
     }
 
     pub async fn read(
@@ -255,12 +280,36 @@ impl NfsClient {
         self.call(11, cred, &args).await
     }
 
-    pub async fn remove(&self, cred: &Credential, dir: &FileHandle, name: &[u8]) -> NfsResult<RemoveOk, WccFail> {
-        self.call(12, cred, &REMOVE3args { object: dirop(dir, name) }).await
+    pub async fn remove(
+        &self,
+        cred: &Credential,
+        dir: &FileHandle,
+        name: &[u8],
+    ) -> NfsResult<RemoveOk, WccFail> {
+        self.call(
+            12,
+            cred,
+            &REMOVE3args {
+                object: dirop(dir, name),
+            },
+        )
+        .await
     }
 
-    pub async fn rmdir(&self, cred: &Credential, dir: &FileHandle, name: &[u8]) -> NfsResult<RemoveOk, WccFail> {
-        self.call(13, cred, &RMDIR3args { object: dirop(dir, name) }).await
+    pub async fn rmdir(
+        &self,
+        cred: &Credential,
+        dir: &FileHandle,
+        name: &[u8],
+    ) -> NfsResult<RemoveOk, WccFail> {
+        self.call(
+            13,
+            cred,
+            &RMDIR3args {
+                object: dirop(dir, name),
+            },
+        )
+        .await
     }
 
     pub async fn rename(
@@ -328,16 +377,49 @@ impl NfsClient {
         self.call(17, cred, &args).await
     }
 
-    pub async fn fsstat(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<FsstatOk, AttrFail> {
-        self.call(18, cred, &FSSTAT3args { fsroot: fh.to_nfs() }).await
+    pub async fn fsstat(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+    ) -> NfsResult<FsstatOk, AttrFail> {
+        self.call(
+            18,
+            cred,
+            &FSSTAT3args {
+                fsroot: fh.to_nfs(),
+            },
+        )
+        .await
     }
 
-    pub async fn fsinfo(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<FsinfoOk, AttrFail> {
-        self.call(19, cred, &FSINFO3args { fsroot: fh.to_nfs() }).await
+    pub async fn fsinfo(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+    ) -> NfsResult<FsinfoOk, AttrFail> {
+        self.call(
+            19,
+            cred,
+            &FSINFO3args {
+                fsroot: fh.to_nfs(),
+            },
+        )
+        .await
     }
 
-    pub async fn pathconf(&self, cred: &Credential, fh: &FileHandle) -> NfsResult<PathconfOk, AttrFail> {
-        self.call(20, cred, &PATHCONF3args { object: fh.to_nfs() }).await
+    pub async fn pathconf(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+    ) -> NfsResult<PathconfOk, AttrFail> {
+        self.call(
+            20,
+            cred,
+            &PATHCONF3args {
+                object: fh.to_nfs(),
+            },
+        )
+        .await
     }
 
     /// COMMIT `count` bytes from `offset`; (0, 0) commits the whole file.

@@ -5,7 +5,7 @@ use nfs3_types::portmap::mapping;
 use nfs3_types::xdr_codec::{Opaque, Void};
 
 use super::types::{FileHandle, MAX_FH};
-use crate::rpc::xdr::{decode_list, decode_u32_array, Decode, XdrError, XdrReader};
+use crate::rpc::xdr::{Decode, XdrError, XdrReader, decode_list, decode_u32_array};
 use crate::rpc::{Credential, RpcClient, RpcError};
 
 pub const MOUNT_PROGRAM: u32 = 100_005;
@@ -112,14 +112,26 @@ impl MountClient {
     pub async fn mnt(&self, cred: &Credential, path: &[u8]) -> Result<MountReply, RpcError> {
         let mut r = self
             .rpc
-            .call(MOUNT_PROGRAM, MOUNT_VERSION, 1, cred, &Opaque::borrowed(path))
+            .call(
+                MOUNT_PROGRAM,
+                MOUNT_VERSION,
+                1,
+                cred,
+                &Opaque::borrowed(path),
+            )
             .await?;
         Ok(MountReply::decode(&mut r)?)
     }
 
     pub async fn umnt(&self, cred: &Credential, path: &[u8]) -> Result<(), RpcError> {
         self.rpc
-            .call(MOUNT_PROGRAM, MOUNT_VERSION, 3, cred, &Opaque::borrowed(path))
+            .call(
+                MOUNT_PROGRAM,
+                MOUNT_VERSION,
+                3,
+                cred,
+                &Opaque::borrowed(path),
+            )
             .await
             .map(|_| ())
     }
@@ -142,7 +154,13 @@ pub async fn getport(rpc: &RpcClient, prog: u32, vers: u32) -> Result<Option<u16
         port: 0,
     };
     let mut r = rpc
-        .call(PORTMAP_PROGRAM, PORTMAP_VERSION, 3, &Credential::None, &args)
+        .call(
+            PORTMAP_PROGRAM,
+            PORTMAP_VERSION,
+            3,
+            &Credential::None,
+            &args,
+        )
         .await?;
     let port = r.u32()?;
     match port {

@@ -45,7 +45,9 @@ impl Default for ConnectConfig {
 pub enum ConnectError {
     #[error("cannot resolve NFS server '{host}': {reason}")]
     Resolve { host: String, reason: String },
-    #[error("NFS server {server}: portmapper did not answer ({source}); set port= and mountport= if it runs without rpcbind")]
+    #[error(
+        "NFS server {server}: portmapper did not answer ({source}); set port= and mountport= if it runs without rpcbind"
+    )]
     Portmap { server: String, source: RpcError },
     #[error("NFS server {server} has no {what} registered with its portmapper")]
     NotRegistered { server: String, what: &'static str },
@@ -98,17 +100,18 @@ pub async fn resolve(host: &str) -> Result<IpAddr, ConnectError> {
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok(ip);
     }
-    let addrs: Vec<SocketAddr> = tokio::time::timeout(Duration::from_secs(10), tokio::net::lookup_host((bare, 0)))
-        .await
-        .map_err(|_| ConnectError::Resolve {
-            host: host.into(),
-            reason: "name lookup timed out".into(),
-        })?
-        .map_err(|e| ConnectError::Resolve {
-            host: host.into(),
-            reason: e.to_string(),
-        })?
-        .collect();
+    let addrs: Vec<SocketAddr> =
+        tokio::time::timeout(Duration::from_secs(10), tokio::net::lookup_host((bare, 0)))
+            .await
+            .map_err(|_| ConnectError::Resolve {
+                host: host.into(),
+                reason: "name lookup timed out".into(),
+            })?
+            .map_err(|e| ConnectError::Resolve {
+                host: host.into(),
+                reason: e.to_string(),
+            })?
+            .collect();
     addrs
         .iter()
         .find(|a| a.is_ipv4())
@@ -121,8 +124,15 @@ pub async fn resolve(host: &str) -> Result<IpAddr, ConnectError> {
 }
 
 fn clamp_transfer(user: Option<u32>, server_max: u32) -> u32 {
-    let server_max = if server_max == 0 { MAX_TRANSFER } else { server_max };
-    let v = user.unwrap_or(MAX_TRANSFER).min(server_max).min(MAX_TRANSFER);
+    let server_max = if server_max == 0 {
+        MAX_TRANSFER
+    } else {
+        server_max
+    };
+    let v = user
+        .unwrap_or(MAX_TRANSFER)
+        .min(server_max)
+        .min(MAX_TRANSFER);
     (v & !4095).max(4096)
 }
 
@@ -206,7 +216,11 @@ async fn connect_inner(
     };
 
     let mountd = MountClient::new(RpcClient::new(SocketAddr::new(ip, mount_port), hs));
-    let root = match mountd.mnt(cred, export.as_bytes()).await.map_err(rpc_err("MNT"))? {
+    let root = match mountd
+        .mnt(cred, export.as_bytes())
+        .await
+        .map_err(rpc_err("MNT"))?
+    {
         MountReply::Ok(ok) => ok.fh,
         MountReply::Denied(status) => {
             return Err(ConnectError::MountDenied {
@@ -220,8 +234,15 @@ async fn connect_inner(
 
     let addr = SocketAddr::new(ip, nfs_port);
     let nfs = NfsClient::new(RpcClient::new(addr, cfg.rpc.clone()));
-    let fsinfo = nfs.fsinfo(cred, &root).await.map_err(|f| nfs_failure(&server, export, "FSINFO", f))?;
-    let root_attr = nfs.getattr(cred, &root).await.map_err(|f| nfs_failure(&server, export, "GETATTR", f))?.attr;
+    let fsinfo = nfs
+        .fsinfo(cred, &root)
+        .await
+        .map_err(|f| nfs_failure(&server, export, "FSINFO", f))?;
+    let root_attr = nfs
+        .getattr(cred, &root)
+        .await
+        .map_err(|f| nfs_failure(&server, export, "GETATTR", f))?
+        .attr;
     let rsize = clamp_transfer(cfg.rsize, fsinfo.rtmax);
     let wsize = clamp_transfer(cfg.wsize, fsinfo.wtmax);
     Ok(NfsSession {
@@ -267,7 +288,10 @@ impl NfsSession {
             connect_timeout: Duration::from_secs(2),
             ..self.nfs.rpc().config().clone()
         };
-        let mountd = MountClient::new(RpcClient::new(SocketAddr::new(self.server.ip(), self.mountport), cfg));
+        let mountd = MountClient::new(RpcClient::new(
+            SocketAddr::new(self.server.ip(), self.mountport),
+            cfg,
+        ));
         if let Err(e) = mountd.umnt(cred, self.export.as_bytes()).await {
             tracing::debug!(error = %e, "UMNT failed");
         }

@@ -84,7 +84,12 @@ impl Decode for FileType {
             5 => Self::Symlink,
             6 => Self::Socket,
             7 => Self::Fifo,
-            value => return Err(XdrError::BadValue { what: "ftype3", value }),
+            value => {
+                return Err(XdrError::BadValue {
+                    what: "ftype3",
+                    value,
+                });
+            }
         })
     }
 }
@@ -97,7 +102,8 @@ pub struct NfsTime {
 
 impl NfsTime {
     pub fn to_system_time(self) -> std::time::SystemTime {
-        std::time::UNIX_EPOCH + std::time::Duration::new(self.seconds as u64, self.nseconds.min(999_999_999))
+        std::time::UNIX_EPOCH
+            + std::time::Duration::new(self.seconds as u64, self.nseconds.min(999_999_999))
     }
 }
 
@@ -231,7 +237,12 @@ impl Decode for StableHow {
             0 => Self::Unstable,
             1 => Self::DataSync,
             2 => Self::FileSync,
-            value => return Err(XdrError::BadValue { what: "stable_how", value }),
+            value => {
+                return Err(XdrError::BadValue {
+                    what: "stable_how",
+                    value,
+                });
+            }
         })
     }
 }
@@ -291,14 +302,23 @@ pub struct WccFail {
 
 impl Decode for WccFail {
     fn decode(r: &mut XdrReader) -> Result<Self, XdrError> {
-        Ok(Self { wcc: Wcc::decode(r)? })
+        Ok(Self {
+            wcc: Wcc::decode(r)?,
+        })
     }
 }
 
 decode_struct!(GetattrOk { attr: Fattr });
 decode_struct!(SetattrOk { wcc: Wcc });
-decode_struct!(LookupOk { fh: FileHandle, attr: PostOpAttr, dir_attr: PostOpAttr });
-decode_struct!(AccessOk { attr: PostOpAttr, access: u32 });
+decode_struct!(LookupOk {
+    fh: FileHandle,
+    attr: PostOpAttr,
+    dir_attr: PostOpAttr
+});
+decode_struct!(AccessOk {
+    attr: PostOpAttr,
+    access: u32
+});
 decode_struct!(
     /// Result of CREATE, MKDIR, SYMLINK and MKNOD.
     CreatedOk { fh: Option<FileHandle>, attr: PostOpAttr, dir_wcc: Wcc }
@@ -307,12 +327,32 @@ decode_struct!(
     /// Result of REMOVE and RMDIR.
     RemoveOk { dir_wcc: Wcc }
 );
-decode_struct!(RenameOk { from_wcc: Wcc, to_wcc: Wcc });
-decode_struct!(RenameFail { from_wcc: Wcc, to_wcc: Wcc });
-decode_struct!(LinkOk { attr: PostOpAttr, dir_wcc: Wcc });
-decode_struct!(LinkFail { attr: PostOpAttr, dir_wcc: Wcc });
-decode_struct!(WriteOk { wcc: Wcc, count: u32, committed: StableHow, verf: WriteVerf });
-decode_struct!(CommitOk { wcc: Wcc, verf: WriteVerf });
+decode_struct!(RenameOk {
+    from_wcc: Wcc,
+    to_wcc: Wcc
+});
+decode_struct!(RenameFail {
+    from_wcc: Wcc,
+    to_wcc: Wcc
+});
+decode_struct!(LinkOk {
+    attr: PostOpAttr,
+    dir_wcc: Wcc
+});
+decode_struct!(LinkFail {
+    attr: PostOpAttr,
+    dir_wcc: Wcc
+});
+decode_struct!(WriteOk {
+    wcc: Wcc,
+    count: u32,
+    committed: StableHow,
+    verf: WriteVerf
+});
+decode_struct!(CommitOk {
+    wcc: Wcc,
+    verf: WriteVerf
+});
 decode_struct!(FsstatOk {
     attr: PostOpAttr,
     tbytes: u64,
@@ -533,8 +573,17 @@ mod tests {
         assert_eq!(&ok.data[..], b"hello");
         assert!(ok.eof);
         let a = ok.attr.unwrap();
-        assert_eq!((a.ftype, a.mode, a.size, a.fileid), (FileType::Regular, 0o644, 5 << 32, 12345));
-        assert_eq!(a.ctime, NfsTime { seconds: 3, nseconds: 7 });
+        assert_eq!(
+            (a.ftype, a.mode, a.size, a.fileid),
+            (FileType::Regular, 0o644, 5 << 32, 12345)
+        );
+        assert_eq!(
+            a.ctime,
+            NfsTime {
+                seconds: 3,
+                nseconds: 7
+            }
+        );
     }
 
     #[test]

@@ -103,7 +103,11 @@ mod tests {
         assert_eq!(auth.flavor, auth_flavor::AUTH_UNIX);
         let (body, _) = auth_unix::unpack(&mut std::io::Cursor::new(&auth.body[..])).unwrap();
         assert_eq!((body.uid, body.gid), (1000, 100));
-        assert_eq!(body.gids, (0..16).collect::<Vec<_>>(), "capped at 16 groups");
+        assert_eq!(
+            body.gids,
+            (0..16).collect::<Vec<_>>(),
+            "capped at 16 groups"
+        );
         assert_eq!(&body.machinename[..], b"host-a");
         let (verf, _) = opaque_auth::unpack(&mut cur).unwrap();
         assert_eq!(verf.flavor, auth_flavor::AUTH_NULL);

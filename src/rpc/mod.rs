@@ -84,7 +84,12 @@ impl std::fmt::Display for AuthStat {
 
 /// Parses the reply header of `record` and returns a reader positioned at the
 /// procedure's results.
-pub fn parse_reply(record: bytes::Bytes, prog: u32, vers: u32, proc: u32) -> Result<XdrReader, RpcError> {
+pub fn parse_reply(
+    record: bytes::Bytes,
+    prog: u32,
+    vers: u32,
+    proc: u32,
+) -> Result<XdrReader, RpcError> {
     let mut r = XdrReader::new(record);
     let _xid = r.u32()?;
     let mtype = r.u32()?;

@@ -154,12 +154,10 @@ mod tests {
             wire.put_u32(4);
             wire.put_slice(b"abcd");
         }
-        let err = loop {
-            match dec.decode(&mut wire) {
-                Ok(Some(_)) => panic!("record over the cap was accepted"),
-                Ok(None) => panic!("decoder waited instead of refusing"),
-                Err(e) => break e,
-            }
+        let err = match dec.decode(&mut wire) {
+            Ok(Some(_)) => panic!("record over the cap was accepted"),
+            Ok(None) => panic!("decoder waited instead of refusing"),
+            Err(e) => e,
         };
         assert!(matches!(err, RpcError::RecordTooLarge { len: 20, max: 16 }));
     }

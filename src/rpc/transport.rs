@@ -225,10 +225,9 @@ impl RpcClient {
         payload.put_u32(vers);
         payload.put_u32(proc);
         cred.encode(&mut payload);
-        args.pack(&mut payload)
-            .map_err(|e| RpcError::GarbageArgs {
-                what: format!("program {prog} procedure {proc} (cannot encode: {e})"),
-            })?;
+        args.pack(&mut payload).map_err(|e| RpcError::GarbageArgs {
+            what: format!("program {prog} procedure {proc} (cannot encode: {e})"),
+        })?;
         let record = self
             .call_raw(xid, Bytes::from(payload), || {
                 format!("program {prog} v{vers} procedure {proc}")
@@ -292,7 +291,7 @@ impl RpcClient {
                 Ok(Err(_)) => return Err(RpcError::Shutdown),
                 Err(_) => {
                     timeouts += 1;
-                    let major = timeouts % (cfg.retrans + 1) == 0;
+                    let major = timeouts.is_multiple_of(cfg.retrans + 1);
                     if !cfg.hard && timeouts >= cfg.retrans.max(1) {
                         conn.shared.reconnect.notify_one();
                         return Err(RpcError::TimedOut {
@@ -311,7 +310,10 @@ impl RpcClient {
                         if let Some(p) = conn.shared.pending.lock().get_mut(&xid) {
                             p.force = true;
                         }
-                        conn.shared.stats.retransmits.fetch_add(1, Ordering::Relaxed);
+                        conn.shared
+                            .stats
+                            .retransmits
+                            .fetch_add(1, Ordering::Relaxed);
                         let _ = conn.tx.send(xid);
                     }
                     if cfg.hard {
@@ -351,9 +353,9 @@ async fn drive_connection(
         // Connect lazily: an idle client holds no socket open and a dead
         // server costs nothing until someone calls.
         if shared.pending.lock().is_empty() {
-            match rx.recv().await {
-                None => return,
-                Some(_) => {} // covered by the resend of all pending calls below
+            // The queued XID is covered by the resend of all pending calls below.
+            if rx.recv().await.is_none() {
+                return;
             }
         }
         let stream = match connect(shared.addr, &cfg).await {
@@ -548,7 +550,11 @@ fn route_reply(shared: &ConnShared, record: Bytes) {
         return;
     }
     let xid = u32::from_be_bytes([record[0], record[1], record[2], record[3]]);
-    let waiter = shared.pending.lock().remove(&xid).and_then(|mut p| p.reply.take());
+    let waiter = shared
+        .pending
+        .lock()
+        .remove(&xid)
+        .and_then(|mut p| p.reply.take());
     match waiter {
         Some(tx) => {
             shared.stats.replies.fetch_add(1, Ordering::Relaxed);

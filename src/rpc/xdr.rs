@@ -213,7 +213,10 @@ mod tests {
     #[test]
     fn bool_and_list_limits() {
         let mut r = XdrReader::new(Bytes::from_static(&[0, 0, 0, 2]));
-        assert!(matches!(r.bool("b"), Err(XdrError::BadValue { value: 2, .. })));
+        assert!(matches!(
+            r.bool("b"),
+            Err(XdrError::BadValue { value: 2, .. })
+        ));
         let mut wire = Vec::new();
         for i in 0..3u32 {
             wire.extend_from_slice(&1u32.to_be_bytes());

@@ -17,7 +17,9 @@ pub fn root_cred() -> Credential {
 /// It serves portmap, MOUNT and NFS on that one port, answering out of order.
 pub async fn start_memfs(config: MemFsConfig) -> u16 {
     let fs = MemFs::new(config).expect("memfs");
-    let listener = NFSTcpListener::bind("127.0.0.1:0", fs).await.expect("bind memfs");
+    let listener = NFSTcpListener::bind("127.0.0.1:0", fs)
+        .await
+        .expect("bind memfs");
     let port = listener.get_listen_port();
     tokio::spawn(async move {
         let _ = listener.handle_forever().await;
@@ -65,7 +67,9 @@ pub fn ganesha() -> Option<Ganesha> {
         }),
         _ => {
             if std::env::var("CSI_NFS_FUSE_REQUIRE_GANESHA").as_deref() == Ok("1") {
-                panic!("ganesha is required (CSI_NFS_FUSE_REQUIRE_GANESHA=1) but CSI_NFS_FUSE_GANESHA_EXPORT/DIR are not set");
+                panic!(
+                    "ganesha is required (CSI_NFS_FUSE_REQUIRE_GANESHA=1) but CSI_NFS_FUSE_GANESHA_EXPORT/DIR are not set"
+                );
             }
             eprintln!("SKIP: ganesha not running; run scripts/test.sh for the real-server tests");
             None
@@ -95,5 +99,115 @@ impl Ganesha {
         csi_nfs_fuse::nfs::session::connect(&self.host, &self.export, &cfg, &root_cred())
             .await
             .expect("mount ganesha export")
+    }
+}
+
+/// A live `csi-nfs-fuse mount` child process on a temp mountpoint.
+pub struct FuseMount {
+    pub dir: PathBuf,
+    child: Option<std::process::Child>,
+    _tmp: tempfile::TempDir,
+}
+
+impl FuseMount {
+    /// Mounts `source` with options `-o opts`; waits for the readiness line.
+    pub fn start(source: &str, opts: &str) -> Result<FuseMount, String> {
+        use std::io::Read;
+        use std::os::fd::{AsRawFd, OwnedFd};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("mnt");
+        std::fs::create_dir(&dir).unwrap();
+        let (rd, wr): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+        let wr_fd = wr.as_raw_fd();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_csi-nfs-fuse"));
+        cmd.arg("mount")
+            .arg(source)
+            .arg(&dir)
+            .arg("--ready-fd")
+            .arg(wr_fd.to_string());
+        if !opts.is_empty() {
+            cmd.arg("-o").arg(opts);
+        }
+        cmd.stderr(std::process::Stdio::piped());
+        let child = cmd.spawn().map_err(|e| e.to_string())?;
+        drop(wr);
+        let mut line = String::new();
+        let _ = std::fs::File::from(rd).read_to_string(&mut line);
+        let mut m = FuseMount {
+            dir,
+            child: Some(child),
+            _tmp: tmp,
+        };
+        if line.trim() == "OK" {
+            Ok(m)
+        } else {
+            let mut child = m.child.take().unwrap();
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            Err(format!("{}{}", line, String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM: flush, unmount, exit 0. Returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+                panic!("mount process did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            for _ in 0..500 {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+impl Ganesha {
+    /// Mounts a fresh per-test subdirectory of the export through FUSE.
+    pub fn fuse_mount(&self, name: &str, opts: &str) -> (FuseMount, PathBuf) {
+        let (dir, rel) = self.test_dir(name);
+        let src = format!("nfs://{}{}/{}", self.host, self.export, rel);
+        let m = FuseMount::start(&src, opts).unwrap_or_else(|e| panic!("mount {src}: {e}"));
+        (m, dir)
+    }
+
+    pub fn source(&self, rel: &str) -> String {
+        format!("nfs://{}{}/{}", self.host, self.export, rel)
     }
 }

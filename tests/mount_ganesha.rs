@@ -1,0 +1,290 @@
+//! Behaviour of a real kernel FUSE mount against nfs-ganesha.
+
+mod common;
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use common::*;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn write_read_checksums_sparse_and_truncate() {
+    let Some(g) = ganesha() else { return };
+    let (m, server) = g.fuse_mount("rw", "");
+    let data = pattern(1, 5 << 20 | 12345);
+    fs::write(m.path("a.bin"), &data).unwrap();
+    assert_eq!(fs::read(m.path("a.bin")).unwrap(), data);
+    assert_eq!(
+        fs::read(server.join("a.bin")).unwrap(),
+        data,
+        "server has every byte after close"
+    );
+
+    // Sparse write beyond 4 GiB.
+    let far = (4u64 << 30) + 4093;
+    {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(m.path("sparse"))
+            .unwrap();
+        f.seek(SeekFrom::Start(far)).unwrap();
+        f.write_all(b"beyond4g").unwrap();
+    }
+    assert_eq!(fs::metadata(m.path("sparse")).unwrap().len(), far + 8);
+    let mut f = fs::File::open(m.path("sparse")).unwrap();
+    let mut buf = [0u8; 16];
+    f.seek(SeekFrom::Start(far - 8)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"\0\0\0\0\0\0\0\0beyond4g");
+
+    // Truncate down and up.
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("a.bin"))
+        .unwrap();
+    f.set_len(1000).unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("a.bin")).unwrap(), &data[..1000]);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("a.bin"))
+        .unwrap();
+    f.set_len(3000).unwrap();
+    drop(f);
+    let back = fs::read(m.path("a.bin")).unwrap();
+    assert_eq!(&back[..1000], &data[..1000]);
+    assert!(back[1000..].iter().all(|&b| b == 0) && back.len() == 3000);
+    assert_eq!(fs::metadata(server.join("a.bin")).unwrap().len(), 3000);
+}
+
+#[test]
+fn rename_links_symlinks_fifos_and_ownership() {
+    let Some(g) = ganesha() else { return };
+    let (m, server) = g.fuse_mount("names", "");
+    fs::write(m.path("src"), b"new").unwrap();
+    fs::write(m.path("dst"), b"old").unwrap();
+    fs::rename(m.path("src"), m.path("dst")).unwrap();
+    assert_eq!(fs::read(m.path("dst")).unwrap(), b"new");
+    assert!(!m.path("src").exists());
+
+    fs::hard_link(m.path("dst"), m.path("h1")).unwrap();
+    fs::hard_link(m.path("dst"), m.path("h2")).unwrap();
+    assert_eq!(fs::metadata(m.path("dst")).unwrap().nlink(), 3);
+    fs::remove_file(m.path("h1")).unwrap();
+    assert_eq!(fs::metadata(m.path("h2")).unwrap().nlink(), 2);
+    assert_eq!(
+        fs::metadata(m.path("h2")).unwrap().ino(),
+        fs::metadata(m.path("dst")).unwrap().ino()
+    );
+
+    std::os::unix::fs::symlink("dst", m.path("ln")).unwrap();
+    assert_eq!(fs::read_link(m.path("ln")).unwrap().to_str(), Some("dst"));
+    assert_eq!(fs::read(m.path("ln")).unwrap(), b"new");
+    nix::unistd::mkfifo(
+        &m.path("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    assert!(
+        fs::symlink_metadata(m.path("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert!(
+        fs::symlink_metadata(server.join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+
+    fs::set_permissions(m.path("dst"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(m.path("dst"), Some(1234), Some(5678)).unwrap();
+    let md = fs::metadata(server.join("dst")).unwrap();
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid()),
+        (0o640, 1234, 5678)
+    );
+
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/x"), b"").unwrap();
+    assert_eq!(
+        fs::remove_dir(m.path("d")).unwrap_err().raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
+    fs::remove_file(m.path("d/x")).unwrap();
+    fs::remove_dir(m.path("d")).unwrap();
+    assert!(!server.join("d").exists());
+}
+
+#[test]
+fn non_root_caller_gets_eacces_on_root_only_file() {
+    let Some(g) = ganesha() else { return };
+    let (m, _server) = g.fuse_mount("perm", "allow_other");
+    fs::write(m.path("secret"), b"s").unwrap();
+    fs::set_permissions(m.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(m.path("open"), b"o").unwrap();
+    fs::set_permissions(m.path("open"), fs::Permissions::from_mode(0o644)).unwrap();
+    // Probe from a child with a dropped uid: the server must refuse.
+    let probe = |name: &str| -> i32 {
+        let path = m.path(name);
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let _ = nix::unistd::setgid(nix::unistd::Gid::from_raw(65534));
+                let _ = nix::unistd::setuid(nix::unistd::Uid::from_raw(65534));
+                let code = match fs::read(&path) {
+                    Ok(_) => 0,
+                    Err(e) => e.raw_os_error().unwrap_or(255),
+                };
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                match nix::sys::wait::waitpid(child, None).unwrap() {
+                    nix::sys::wait::WaitStatus::Exited(_, c) => c,
+                    other => panic!("probe: {other:?}"),
+                }
+            }
+        }
+    };
+    assert_eq!(probe("secret"), libc::EACCES);
+    assert_eq!(probe("open"), 0);
+}
+
+#[test]
+fn ten_thousand_entries_listed_once_each() {
+    let Some(g) = ganesha() else { return };
+    let (m, server) = g.fuse_mount("list", "");
+    for i in 0..10_000 {
+        fs::write(server.join(format!("e{i:05}")), b"").unwrap();
+    }
+    let mut seen = HashSet::new();
+    for e in fs::read_dir(&m.dir).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        assert!(seen.insert(name.clone()), "{name} listed twice");
+    }
+    assert_eq!(seen.len(), 10_000);
+    // ls -l style: every entry stats cleanly.
+    for i in (0..10_000).step_by(997) {
+        assert_eq!(fs::metadata(m.path(&format!("e{i:05}"))).unwrap().len(), 0);
+    }
+}
+
+#[test]
+fn parallel_writers_and_open_unlink_read() {
+    let Some(g) = ganesha() else { return };
+    let (m, server) = g.fuse_mount("par", "");
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let p = m.path(&format!("w{t}"));
+            s.spawn(move || fs::write(p, pattern(t, 3 << 20)).unwrap());
+        }
+    });
+    for t in 0..4u64 {
+        assert_eq!(
+            fs::read(server.join(format!("w{t}"))).unwrap(),
+            pattern(t, 3 << 20)
+        );
+    }
+    // Unlinked while open: still readable through the descriptor.
+    let data = pattern(9, 200_000);
+    fs::write(m.path("gone"), &data).unwrap();
+    let mut f = fs::File::open(m.path("gone")).unwrap();
+    fs::remove_file(m.path("gone")).unwrap();
+    assert!(!m.path("gone").exists());
+    let mut back = Vec::new();
+    f.read_to_end(&mut back).unwrap();
+    assert_eq!(back, data);
+    drop(f);
+    std::thread::sleep(Duration::from_millis(300));
+    let leftovers: Vec<_> = fs::read_dir(&server)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".nfs"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "silly-renamed file not cleaned up: {leftovers:?}"
+    );
+}
+
+#[test]
+fn two_mounts_see_each_others_changes_after_close_and_reopen() {
+    let Some(g) = ganesha() else { return };
+    let (a, _server) = g.fuse_mount("cto", "");
+    let rel = a.dir.clone();
+    let _ = rel;
+    let src = g.source(&format!("t-cto-{}", std::process::id()));
+    let b = FuseMount::start(&src, "").unwrap();
+    fs::write(a.path("shared"), b"version 1").unwrap();
+    assert_eq!(fs::read(b.path("shared")).unwrap(), b"version 1");
+    fs::write(a.path("shared"), b"version 2, longer").unwrap();
+    assert_eq!(fs::read(b.path("shared")).unwrap(), b"version 2, longer");
+    fs::write(b.path("shared"), b"v3").unwrap();
+    assert_eq!(fs::read(a.path("shared")).unwrap(), b"v3");
+}
+
+#[test]
+fn mount_errors_are_clear_and_leave_nothing_behind() {
+    let Some(g) = ganesha() else { return };
+    let e = FuseMount::start(&format!("nfs://{}/no/such/export", g.host), "")
+        .err()
+        .unwrap();
+    assert!(
+        e.contains("/no/such/export") && e.contains("refused"),
+        "{e}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = FuseMount::start(
+        &format!("nfs://127.0.0.1:{closed}/x"),
+        &format!("mountport={closed}"),
+    )
+    .err()
+    .unwrap();
+    assert!(e.contains("refused"), "{e}");
+    let e = FuseMount::start(&g.source(""), "nconnect=99")
+        .err()
+        .unwrap();
+    assert!(e.contains("nconnect=99"), "{e}");
+    let e = FuseMount::start(&g.source(""), "frobnicate").err().unwrap();
+    assert!(e.contains("frobnicate"), "{e}");
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains("/no/such/export"));
+}
+
+#[test]
+fn sigterm_flushes_and_unmounts() {
+    let Some(g) = ganesha() else { return };
+    let (mut m, server) = g.fuse_mount("term", "");
+    let data = pattern(4, 2 << 20);
+    let mut f = fs::File::create(m.path("f")).unwrap();
+    f.write_all(&data).unwrap();
+    f.flush().unwrap();
+    let dir = m.dir.clone();
+    drop(f);
+    let st = m.stop();
+    assert!(st.success(), "{st:?}");
+    assert_eq!(fs::read(server.join("f")).unwrap(), data);
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(dir.to_str().unwrap()), "still mounted");
+}
