@@ -1054,6 +1054,10 @@ impl NfsFs {
         first
     }
 
+    pub fn writeback(&self) -> &Arc<WriteBack> {
+        &self.writeback
+    }
+
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
     }

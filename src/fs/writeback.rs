@@ -72,6 +72,8 @@ pub struct WriteBack {
     files: Mutex<HashMap<u64, Arc<FileWrites>>>,
     wcc_sink: WccSink,
     pressure: Notify,
+    /// Chunks sent again because the server's write verifier changed.
+    resent: std::sync::atomic::AtomicU64,
 }
 
 impl WriteBack {
@@ -85,6 +87,7 @@ impl WriteBack {
             files: Mutex::new(HashMap::new()),
             wcc_sink,
             pressure: Notify::new(),
+            resent: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(Self::flusher(Arc::downgrade(&wb)));
         wb
@@ -332,6 +335,8 @@ impl WriteBack {
                 chunks = lost.len(),
                 "write verifier changed (server restart?): resending uncommitted data"
             );
+            self.resent
+                .fetch_add(lost.len() as u64, std::sync::atomic::Ordering::Relaxed);
             for c in lost {
                 let mut done = 0usize;
                 while done < c.data.len() {
@@ -384,6 +389,11 @@ impl WriteBack {
             }
             s.end = s.end.min(size);
         }
+    }
+
+    /// How many chunks were resent after a verifier change, ever.
+    pub fn resent_chunks(&self) -> u64 {
+        self.resent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn budget_in_use(&self) -> usize {

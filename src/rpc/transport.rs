@@ -382,10 +382,11 @@ async fn drive_connection(
                 } else {
                     warn!(server = %shared.addr, error = %e, "connect failed, retrying");
                 }
-                if !sleep_or_shutdown(&mut rx, backoff).await {
-                    return;
+                match sleep_or_shutdown(&mut rx, backoff).await {
+                    Woke::Shutdown => return,
+                    Woke::Kicked => backoff = Duration::from_millis(100),
+                    Woke::Slept => backoff = (backoff * 2).min(Duration::from_secs(3)),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(3));
                 continue;
             }
         };
@@ -409,24 +410,43 @@ async fn drive_connection(
                 if opened.elapsed() > Duration::from_secs(5) {
                     backoff = Duration::from_millis(50);
                 }
-                if !sleep_or_shutdown(&mut rx, backoff).await {
-                    return;
+                match sleep_or_shutdown(&mut rx, backoff).await {
+                    Woke::Shutdown => return,
+                    Woke::Kicked => backoff = Duration::from_millis(100),
+                    Woke::Slept => backoff = (backoff * 2).min(Duration::from_secs(3)),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(3));
             }
         }
     }
 }
 
 /// Sleeps for `d`, draining queued send requests (they will be covered by the
-/// resend after reconnecting). Returns false if the client was dropped.
-async fn sleep_or_shutdown(rx: &mut mpsc::UnboundedReceiver<u32>, d: Duration) -> bool {
+/// resend after reconnecting). A new request cuts the wait short, so a server
+/// that comes back is used at once instead of after the full backoff.
+enum Woke {
+    Slept,
+    Kicked,
+    Shutdown,
+}
+
+async fn sleep_or_shutdown(rx: &mut mpsc::UnboundedReceiver<u32>, d: Duration) -> Woke {
     let sleep = tokio::time::sleep(d);
     tokio::pin!(sleep);
+    let mut kicked = false;
     loop {
         tokio::select! {
-            _ = &mut sleep => return true,
-            m = rx.recv() => if m.is_none() { return false },
+            _ = &mut sleep => return if kicked { Woke::Kicked } else { Woke::Slept },
+            m = rx.recv() => match m {
+                None => return Woke::Shutdown,
+                Some(_) if !kicked => {
+                    kicked = true;
+                    let soon = tokio::time::Instant::now() + Duration::from_millis(100);
+                    if soon < sleep.deadline() {
+                        sleep.as_mut().reset(soon);
+                    }
+                }
+                Some(_) => {}
+            },
         }
     }
 }

@@ -211,3 +211,105 @@ impl Ganesha {
         format!("nfs://{}{}/{}", self.host, self.export, rel)
     }
 }
+
+/// A private ganesha instance (own ports, own export) that a test may kill
+/// and restart without disturbing the shared one. Stopped and purged on drop.
+pub struct NamedGanesha {
+    pub name: String,
+    pub export_dir: PathBuf,
+    pub export_path: String,
+    pub nfs_port: u16,
+    pub mount_port: u16,
+}
+
+fn ganesha_script() -> String {
+    std::env::var("CSI_NFS_FUSE_GANESHA_SCRIPT")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ganesha.sh").into())
+}
+
+fn run_script(args: &[&str]) -> String {
+    let out = std::process::Command::new(ganesha_script())
+        .args(args)
+        .output()
+        .expect("run ganesha.sh");
+    assert!(
+        out.status.success(),
+        "ganesha.sh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl NamedGanesha {
+    /// Starts instance `name` when the real-server tests are enabled.
+    pub fn start(name: &str, extra: &[&str]) -> Option<NamedGanesha> {
+        ganesha()?;
+        let name = format!("{name}-{}", std::process::id());
+        let mut args = vec!["start", "--name", &name];
+        args.extend_from_slice(extra);
+        let out = run_script(&args);
+        let get = |k: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(|v| v.trim_matches('\'').to_string())
+                .unwrap_or_else(|| panic!("ganesha.sh start printed no {k}: {out}"))
+        };
+        Some(NamedGanesha {
+            export_dir: get("export_dir").into(),
+            export_path: get("export_path"),
+            nfs_port: get("nfs_port").parse().unwrap(),
+            mount_port: get("mount_port").parse().unwrap(),
+            name,
+        })
+    }
+
+    pub fn kill(&self) {
+        run_script(&["kill", "--name", &self.name]);
+    }
+
+    pub fn restart(&self) {
+        run_script(&["restart", "--name", &self.name]);
+    }
+
+    pub fn stop(&self) {
+        run_script(&["stop", "--name", &self.name]);
+    }
+
+    pub fn connect_config(&self, rpc: RpcConfig) -> ConnectConfig {
+        ConnectConfig {
+            rpc,
+            port: Some(self.nfs_port),
+            mountport: Some(self.mount_port),
+            handshake_timeout: Duration::from_secs(10),
+            ..Default::default()
+        }
+    }
+
+    pub async fn mount(&self, rpc: RpcConfig) -> NfsSession {
+        csi_nfs_fuse::nfs::session::connect(
+            "127.0.0.1",
+            &self.export_path,
+            &self.connect_config(rpc),
+            &root_cred(),
+        )
+        .await
+        .expect("mount named ganesha")
+    }
+
+    /// `-o` options that point a FUSE mount at this instance.
+    pub fn mount_opts(&self) -> String {
+        format!("port={},mountport={}", self.nfs_port, self.mount_port)
+    }
+
+    pub fn source(&self) -> String {
+        format!("nfs://127.0.0.1{}", self.export_path)
+    }
+}
+
+impl Drop for NamedGanesha {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(ganesha_script())
+            .args(["stop", "--name", &self.name, "--purge"])
+            .output();
+    }
+}
