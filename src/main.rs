@@ -34,6 +34,13 @@ enum Cmd {
         #[arg(long, value_name = "FD")]
         ready_fd: Option<i32>,
     },
+    /// Copy one file to or from an NFS server without FUSE (like nfs-cp).
+    Cp {
+        source: String,
+        dest: String,
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+    },
 }
 
 fn init_logging(debug: bool) {
@@ -93,6 +100,14 @@ fn main() {
                 mount::run(req)
             }
         })(),
+        Cmd::Cp {
+            source,
+            dest,
+            options,
+        } => {
+            init_logging(false);
+            csi_nfs_fuse::cp::run(&source, &dest, &options)
+        }
     };
     if let Err(e) = result {
         eprintln!("csi-nfs-fuse: {}", csi_nfs_fuse::mount::describe(&e));

@@ -162,6 +162,11 @@ pub async fn getport(rpc: &RpcClient, prog: u32, vers: u32) -> Result<Option<u16
             &args,
         )
         .await?;
+    decode_port(&mut r)
+}
+
+/// Decodes a GETPORT result: 0 means "not registered".
+pub fn decode_port(r: &mut XdrReader) -> Result<Option<u16>, RpcError> {
     let port = r.u32()?;
     match port {
         0 => Ok(None),
