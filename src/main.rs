@@ -34,6 +34,21 @@ enum Cmd {
         #[arg(long, value_name = "FD")]
         ready_fd: Option<i32>,
     },
+    /// Run the CSI plugin (Identity, Controller and Node services) for Docker Swarm.
+    Plugin {
+        /// CSI endpoint: unix:///path/to/csi.sock or a bare socket path.
+        #[arg(long, env = "CSI_ENDPOINT", value_name = "ENDPOINT")]
+        endpoint: String,
+        /// Node id for NodeGetInfo [default: /node_hostname, else the hostname].
+        #[arg(long, env = "CSI_NODE_ID", value_name = "ID")]
+        node_id: Option<String>,
+        /// Socket file mode, octal: 600 or 660.
+        #[arg(long, default_value = "660", value_parser = parse_socket_mode, value_name = "MODE")]
+        socket_mode: u32,
+        /// FUSE device that Probe checks (for tests).
+        #[arg(long, default_value = "/dev/fuse", hide = true)]
+        fuse_device: PathBuf,
+    },
     /// Copy one file to or from an NFS server without FUSE (like nfs-cp).
     Cp {
         source: String,
@@ -41,6 +56,13 @@ enum Cmd {
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
     },
+}
+
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(m @ (0o600 | 0o660)) => Ok(m),
+        _ => Err(format!("'{s}': expected 600 or 660")),
+    }
 }
 
 fn init_logging(debug: bool) {
@@ -59,15 +81,21 @@ fn init_logging(debug: bool) {
         .try_init();
 }
 
-/// `mount -t fuse.csi-nfs-fuse SRC DIR -o OPTS` runs us as
-/// `mount.fuse.csi-nfs-fuse SRC DIR -o OPTS`: treat that as `mount --daemon`.
+/// Mount-helper entry points, both treated as `mount --daemon`:
+/// - `/sbin/mount.fuse.csi-nfs-fuse SRC DIR -o OPTS` (a symlink to us), which
+///   mount(8) runs for `mount -t fuse.csi-nfs-fuse` and fstab entries;
+/// - `csi-nfs-fuse SRC DIR -o OPTS`, which is how fuse3's mount.fuse3 runs
+///   the program named after `fuse.` when no such symlink exists.
 fn helper_args() -> Vec<String> {
     let mut args: Vec<String> = std::env::args().collect();
     let argv0 = std::path::Path::new(&args[0])
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if argv0.starts_with("mount.") {
+    let source_first = args.len() >= 3
+        && !args[1].starts_with('-')
+        && (args[1].contains(":/") || args[1].starts_with("nfs://"));
+    if argv0.starts_with("mount.") || source_first {
         args[0] = "csi-nfs-fuse".into();
         args.insert(1, "mount".into());
         args.push("--daemon".into());
@@ -100,6 +128,20 @@ fn main() {
                 mount::run(req)
             }
         })(),
+        Cmd::Plugin {
+            endpoint,
+            node_id,
+            socket_mode,
+            fuse_device,
+        } => {
+            init_logging(false);
+            csi_nfs_fuse::csi::run(csi_nfs_fuse::csi::PluginConfig {
+                endpoint,
+                node_id,
+                fuse_device,
+                socket_mode,
+            })
+        }
         Cmd::Cp {
             source,
             dest,

@@ -1,0 +1,777 @@
+//! One `csi-nfs-fuse mount` child process per published target path.
+//!
+//! Each mount is its own process with its own NFS connections and
+//! credentials, so a dead server hangs only its own volumes. The supervisor
+//! starts a child, waits for its readiness line (`OK` or `ERR reason` on an
+//! inherited pipe, see `crate::mount`), keeps `target → child`, restarts a
+//! child that dies unexpectedly (after lazily detaching its dead FUSE mount)
+//! and stops children with SIGTERM, which makes them flush and unmount.
+//!
+//! Children of an earlier plugin process that are still serving (the plugin
+//! was killed, not stopped) are found by their command line and adopted when
+//! they serve exactly the requested mount.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use parking_lot::Mutex;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+use tracing::{debug, error, info, warn};
+
+use super::InFlight;
+use super::errors;
+
+/// Longest wait for a child's readiness line (Swarm allows 15 s per publish).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a SIGTERMed child may take to flush and exit before SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(12);
+const FIRST_RESTART_DELAY: Duration = Duration::from_millis(200);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
+/// A child that ran this long before dying restarts without backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(500);
+
+/// What a target path is published with; equal specs are the same publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub volume_id: String,
+    /// `nfs://SERVER/SHARE/SUBDIR`.
+    pub source: String,
+    /// The complete `-o` list.
+    pub options: String,
+}
+
+impl MountSpec {
+    fn args(&self, target: &Path) -> Vec<String> {
+        vec![
+            "mount".into(),
+            self.source.clone(),
+            target.to_string_lossy().into_owned(),
+            "-o".into(),
+            self.options.clone(),
+        ]
+    }
+}
+
+enum State {
+    Running {
+        pid: Pid,
+        generation: u64,
+        started: Instant,
+        /// Becomes `Some(description)` when the process has exited.
+        exited: watch::Receiver<Option<String>>,
+    },
+    Dead {
+        reason: String,
+        retry_at: Instant,
+    },
+}
+
+struct Entry {
+    spec: MountSpec,
+    state: State,
+    /// Consecutive quick deaths, for the restart backoff.
+    failures: u32,
+}
+
+enum Event {
+    Exited {
+        target: PathBuf,
+        generation: u64,
+        how: String,
+    },
+}
+
+pub struct Supervisor {
+    exe: PathBuf,
+    entries: Mutex<HashMap<PathBuf, Entry>>,
+    in_flight: InFlight,
+    events: mpsc::UnboundedSender<Event>,
+    generation: AtomicU64,
+}
+
+/// How a process ended, for the log.
+pub fn describe_exit(st: &ExitStatus) -> String {
+    if let Some(sig) = st.signal() {
+        let name = Signal::try_from(sig)
+            .map(|s| s.as_str())
+            .unwrap_or("unknown signal");
+        format!(
+            "killed by signal {sig} ({name}){}",
+            if st.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            }
+        )
+    } else {
+        match st.code() {
+            Some(0) => "exited with status 0 (unmounted from outside?)".into(),
+            Some(c) => format!("exited with status {c}"),
+            None => format!("ended ({st})"),
+        }
+    }
+}
+
+/// Mount points of this mount namespace, from /proc/self/mountinfo.
+pub fn mount_points() -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .collect()
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The path as mountinfo shows it: the parent resolved, the name kept (so a
+/// dead FUSE mount on the target itself is never stat'ed).
+pub fn canonical_target(target: &Path) -> PathBuf {
+    match (target.parent(), target.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| target.to_path_buf()),
+        _ => target.to_path_buf(),
+    }
+}
+
+pub fn is_mount_point(target: &Path) -> bool {
+    let t = canonical_target(target);
+    mount_points().contains(&t)
+}
+
+/// What is at a target path that the supervisor does not track.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TargetState {
+    NotMounted,
+    /// A mount whose FUSE server is gone (ENOTCONN).
+    Stale,
+    Live,
+    /// stat did not answer in time: a live mount whose server hangs.
+    Hung,
+}
+
+/// Stats the target in a helper thread, so a hung mount cannot block us.
+pub async fn probe_target(target: &Path) -> TargetState {
+    if !is_mount_point(target) {
+        return TargetState::NotMounted;
+    }
+    let t = target.to_path_buf();
+    let stat = tokio::task::spawn_blocking(move || std::fs::metadata(&t));
+    match tokio::time::timeout(Duration::from_secs(2), stat).await {
+        Ok(Ok(Ok(_))) => TargetState::Live,
+        Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::ENOTCONN) => TargetState::Stale,
+        Ok(Ok(Err(e))) => {
+            debug!(target = %target.display(), error = %e, "stat of mounted target failed");
+            TargetState::Stale
+        }
+        Ok(Err(_)) => TargetState::Stale,
+        Err(_) => TargetState::Hung,
+    }
+}
+
+/// Detaches whatever is mounted on `target` (lazily, so a busy or dead
+/// mount still goes); a target that is not a mount point is fine.
+pub fn detach(target: &Path) -> Result<(), Status> {
+    for _ in 0..8 {
+        if !is_mount_point(target) {
+            return Ok(());
+        }
+        match crate::mount::lazy_unmount(target) {
+            Ok(()) => info!(target = %target.display(), "detached mount"),
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(e) => {
+                return Err(errors::internal(format!(
+                    "unmounting {}: {e}",
+                    target.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Processes running `<exe> mount SOURCE TARGET -o OPTIONS` for `target`,
+/// with their arguments (after the executable).
+fn mount_processes(exe: &Path, target: &Path) -> Vec<(Pid, Vec<String>)> {
+    let exe_name = exe.file_name().map(|n| n.to_os_string());
+    let targets = [target.to_path_buf(), canonical_target(target)];
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ent in dir.flatten() {
+        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid as u32 == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(ent.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.len() < 4 || args[1] != "mount" {
+            continue;
+        }
+        if Path::new(&args[0]).file_name().map(|n| n.to_os_string()) != exe_name {
+            continue;
+        }
+        if !targets.iter().any(|t| Path::new(&args[3]) == t) {
+            continue;
+        }
+        if process_gone(Pid::from_raw(pid)) {
+            continue;
+        }
+        out.push((Pid::from_raw(pid), args[1..].to_vec()));
+    }
+    out
+}
+
+/// True if the process no longer exists or is a zombie.
+fn process_gone(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
+        Err(_) => true,
+    }
+}
+
+fn restart_delay(failures: u32) -> Duration {
+    FIRST_RESTART_DELAY
+        .saturating_mul(1u32 << failures.min(16))
+        .min(MAX_RESTART_DELAY)
+}
+
+impl Supervisor {
+    /// Creates the supervisor and starts its restart loop on the current runtime.
+    pub fn start(exe: PathBuf) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sup = Arc::new(Self {
+            exe,
+            entries: Mutex::new(HashMap::new()),
+            in_flight: InFlight::default(),
+            events: tx,
+            generation: AtomicU64::new(1),
+        });
+        tokio::spawn(Self::restart_loop(Arc::downgrade(&sup), rx));
+        sup
+    }
+
+    fn lock_target(&self, target: &Path) -> Result<super::InFlightGuard, Status> {
+        self.in_flight
+            .try_lock(&target.to_string_lossy())
+            .ok_or_else(|| errors::aborted(&format!("target {}", target.display())))
+    }
+
+    /// Whether `target` is published (by this plugin) for `volume_id`.
+    pub fn is_published(&self, target: &Path, volume_id: &str) -> bool {
+        self.entries
+            .lock()
+            .get(target)
+            .is_some_and(|e| e.spec.volume_id == volume_id)
+    }
+
+    /// The pid serving `target`, if running (for tests and logs).
+    pub fn pid(&self, target: &Path) -> Option<Pid> {
+        match self.entries.lock().get(target).map(|e| &e.state) {
+            Some(State::Running { pid, .. }) => Some(*pid),
+            _ => None,
+        }
+    }
+
+    /// Makes `target` serve `spec`: OK if it already does, ALREADY_EXISTS if
+    /// it serves something else, and a fresh child otherwise (after cleaning
+    /// up a stale mount).
+    pub async fn publish(&self, target: &Path, spec: MountSpec) -> Result<(), Status> {
+        let _guard = self.lock_target(target)?;
+        let tracked = self.entries.lock().get(target).map(|e| {
+            (
+                e.spec.clone(),
+                matches!(&e.state, State::Running { exited, .. } if exited.borrow().is_none()),
+            )
+        });
+        match tracked {
+            Some((existing, _)) if existing != spec => {
+                return Err(Status::already_exists(format!(
+                    "target {} is already published with different arguments (volume {})",
+                    target.display(),
+                    existing.volume_id
+                )));
+            }
+            Some((_, true)) => {
+                debug!(target = %target.display(), "already published");
+                return Ok(());
+            }
+            Some((_, false)) => {
+                info!(target = %target.display(), "mount process is gone; remounting");
+                detach(target)?;
+            }
+            None => match probe_target(target).await {
+                TargetState::NotMounted => {}
+                TargetState::Stale => {
+                    info!(target = %target.display(), "stale mount on target; detaching and remounting");
+                    self.kill_orphans(target).await;
+                    detach(target)?;
+                }
+                TargetState::Live | TargetState::Hung => {
+                    return self.adopt(target, spec);
+                }
+            },
+        }
+        self.spawn_into(target, spec, 0).await
+    }
+
+    /// A live mount we do not track: adopt it if a mount process of ours
+    /// serves exactly this spec (the plugin was restarted under it).
+    fn adopt(&self, target: &Path, spec: MountSpec) -> Result<(), Status> {
+        let want = spec.args(target);
+        let procs = mount_processes(&self.exe, target);
+        let found = procs.iter().find(|(_, args)| {
+            args.len() >= want.len()
+                && args[..want.len()]
+                    .iter()
+                    .zip(&want)
+                    .enumerate()
+                    .all(|(i, (a, b))| i == 2 || a == b)
+        });
+        let Some((pid, _)) = found else {
+            return Err(Status::already_exists(format!(
+                "target {} is already a mount point{}",
+                target.display(),
+                if procs.is_empty() {
+                    " not managed by this plugin"
+                } else {
+                    " with different arguments"
+                }
+            )));
+        };
+        let pid = *pid;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        let events = self.events.clone();
+        let t = target.to_path_buf();
+        tokio::spawn(async move {
+            while !process_gone(pid) {
+                tokio::time::sleep(POLL).await;
+            }
+            let how = "adopted mount process exited (status unknown)".to_string();
+            let _ = tx.send(Some(how.clone()));
+            let _ = events.send(Event::Exited {
+                target: t,
+                generation,
+                how,
+            });
+        });
+        info!(target = %target.display(), pid = pid.as_raw(), "adopted running mount process");
+        self.entries.lock().insert(
+            target.to_path_buf(),
+            Entry {
+                spec,
+                state: State::Running {
+                    pid,
+                    generation,
+                    started: Instant::now(),
+                    exited: rx,
+                },
+                failures: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Spawns a child for `target` and records it (running, or dead with the
+    /// reason so the restart loop retries if this was a restart).
+    async fn spawn_into(
+        &self,
+        target: &Path,
+        spec: MountSpec,
+        failures: u32,
+    ) -> Result<(), Status> {
+        match self.spawn(target, &spec).await {
+            Ok(state) => {
+                self.entries.lock().insert(
+                    target.to_path_buf(),
+                    Entry {
+                        spec,
+                        state,
+                        failures,
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if failures > 0 {
+                    // A failed restart: keep the entry so we try again later.
+                    self.entries.lock().insert(
+                        target.to_path_buf(),
+                        Entry {
+                            spec,
+                            state: State::Dead {
+                                reason: e.message().to_string(),
+                                retry_at: Instant::now() + restart_delay(failures),
+                            },
+                            failures: failures + 1,
+                        },
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn spawn(&self, target: &Path, spec: &MountSpec) -> Result<State, Status> {
+        let (rd, wr): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| errors::internal(format!("creating the readiness pipe: {e}")))?;
+        let wr_fd = wr.as_raw_fd();
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.args(spec.args(target))
+            .arg("--ready-fd")
+            .arg(wr_fd.to_string())
+            .stdin(Stdio::null())
+            // Its own process group: a Ctrl-C meant for the plugin must not
+            // unmount volumes behind the supervisor's back.
+            .process_group(0)
+            .kill_on_drop(false);
+        // SAFETY: runs in the forked child before exec; fcntl is
+        // async-signal-safe. Only this child inherits the write end, so
+        // EOF on the pipe means this child exited.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(wr_fd, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| errors::internal(format!("starting {} mount: {e}", self.exe.display())))?;
+        drop(wr);
+        let pid = Pid::from_raw(child.id().unwrap_or(0) as i32);
+        let line = read_ready(rd, READY_TIMEOUT).await;
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+                let _ = detach(target);
+                return Err(if e.kind() == io::ErrorKind::TimedOut {
+                    Status::deadline_exceeded(format!(
+                        "mount of {} on {} was not ready within {:?}; is the server reachable?",
+                        spec.source,
+                        target.display(),
+                        READY_TIMEOUT
+                    ))
+                } else {
+                    errors::internal(format!("reading the mount readiness pipe: {e}"))
+                });
+            }
+        };
+        let line = line.trim_end();
+        if line != "OK" {
+            let status = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+            let how = match status {
+                Ok(Ok(st)) => describe_exit(&st),
+                _ => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    "killed".into()
+                }
+            };
+            let _ = detach(target);
+            let err = match line.strip_prefix("ERR ") {
+                Some(reason) => errors::from_mount_child(reason),
+                None => errors::internal(format!("mount process {how} before the mount was ready")),
+            };
+            warn!(target = %target.display(), source = %spec.source, code = ?err.code(), error = %err.message(), "mount failed");
+            return Err(err);
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        info!(
+            target = %target.display(), source = %spec.source, pid = pid.as_raw(),
+            ready_ms = started.elapsed().as_millis() as u64, "mounted"
+        );
+        let (tx, rx) = watch::channel(None);
+        let events = self.events.clone();
+        let t = target.to_path_buf();
+        tokio::spawn(async move {
+            let how = match child.wait().await {
+                Ok(st) => describe_exit(&st),
+                Err(e) => format!("could not be waited for: {e}"),
+            };
+            let _ = tx.send(Some(how.clone()));
+            let _ = events.send(Event::Exited {
+                target: t,
+                generation,
+                how,
+            });
+        });
+        Ok(State::Running {
+            pid,
+            generation,
+            started,
+            exited: rx,
+        })
+    }
+
+    /// SIGTERMs mount processes of ours left on `target` by an earlier plugin.
+    async fn kill_orphans(&self, target: &Path) {
+        for (pid, _) in mount_processes(&self.exe, target) {
+            info!(target = %target.display(), pid = pid.as_raw(), "stopping an untracked mount process");
+            stop_pid(pid, None).await;
+        }
+    }
+
+    /// Stops the child serving `target` (SIGTERM: flush, unmount), detaches
+    /// the mount if it is still there. Idempotent.
+    pub async fn unpublish(&self, target: &Path) -> Result<(), Status> {
+        let _guard = self.lock_target(target)?;
+        let entry = self.entries.lock().remove(target);
+        match entry {
+            Some(Entry {
+                state: State::Running { pid, exited, .. },
+                ..
+            }) => {
+                info!(target = %target.display(), pid = pid.as_raw(), "stopping mount process");
+                stop_pid(pid, Some(exited)).await;
+            }
+            Some(Entry {
+                state: State::Dead { .. },
+                ..
+            }) => {}
+            None => self.kill_orphans(target).await,
+        }
+        detach(target)
+    }
+
+    /// Stops every child (plugin shutdown), in parallel.
+    pub async fn shutdown(&self) {
+        let entries: Vec<(PathBuf, Entry)> = self.entries.lock().drain().collect();
+        let stops = entries.into_iter().filter_map(|(target, e)| match e.state {
+            State::Running { pid, exited, .. } => Some(async move {
+                info!(target = %target.display(), pid = pid.as_raw(), "stopping mount process");
+                stop_pid(pid, Some(exited)).await;
+                let _ = detach(&target);
+            }),
+            State::Dead { .. } => None,
+        });
+        futures::future::join_all(stops).await;
+    }
+
+    /// Handles exits and restarts dead children, until the supervisor is dropped.
+    async fn restart_loop(me: std::sync::Weak<Self>, mut rx: mpsc::UnboundedReceiver<Event>) {
+        loop {
+            let ev = tokio::time::timeout(POLL, rx.recv()).await;
+            let Some(sup) = me.upgrade() else { return };
+            match ev {
+                Ok(Some(Event::Exited {
+                    target,
+                    generation,
+                    how,
+                })) => sup.on_exit(&target, generation, how),
+                Ok(None) => return,
+                Err(_) => {}
+            }
+            sup.restart_due().await;
+        }
+    }
+
+    fn on_exit(&self, target: &Path, generation: u64, how: String) {
+        let mut entries = self.entries.lock();
+        let Some(e) = entries.get_mut(target) else {
+            return; // unpublished: an expected exit
+        };
+        let State::Running {
+            generation: g,
+            started,
+            ..
+        } = &e.state
+        else {
+            return;
+        };
+        if *g != generation {
+            return;
+        }
+        if started.elapsed() >= HEALTHY_RUN {
+            e.failures = 0;
+        }
+        let delay = restart_delay(e.failures);
+        error!(
+            target = %target.display(), volume_id = %e.spec.volume_id, exit = %how,
+            restart_in_ms = delay.as_millis() as u64, "mount process died unexpectedly; restarting it"
+        );
+        e.failures += 1;
+        e.state = State::Dead {
+            reason: how,
+            retry_at: Instant::now() + delay,
+        };
+    }
+
+    async fn restart_due(&self) {
+        let now = Instant::now();
+        let due: Vec<(PathBuf, MountSpec, u32)> = self
+            .entries
+            .lock()
+            .iter()
+            .filter_map(|(t, e)| match &e.state {
+                State::Dead { retry_at, .. } if *retry_at <= now => {
+                    Some((t.clone(), e.spec.clone(), e.failures))
+                }
+                _ => None,
+            })
+            .collect();
+        for (target, spec, failures) in due {
+            // A publish or unpublish of this target is running: it decides.
+            let Ok(_guard) = self.lock_target(&target) else {
+                continue;
+            };
+            let still_dead = matches!(
+                self.entries.lock().get(&target),
+                Some(Entry { state: State::Dead { .. }, spec: s, .. }) if *s == spec
+            );
+            if !still_dead {
+                continue;
+            }
+            if let Err(e) = detach(&target) {
+                warn!(target = %target.display(), error = %e.message(), "could not detach the dead mount");
+            }
+            match self.spawn_into(&target, spec, failures.max(1)).await {
+                Ok(()) => info!(target = %target.display(), "mount process restarted"),
+                Err(e) => {
+                    warn!(target = %target.display(), code = ?e.code(), error = %e.message(), "restarting the mount process failed; will retry")
+                }
+            }
+        }
+    }
+
+    /// The reason the child of `target` last died, if it is down.
+    pub fn down_reason(&self, target: &Path) -> Option<String> {
+        match self.entries.lock().get(target).map(|e| &e.state) {
+            Some(State::Dead { reason, .. }) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Reads the child's readiness line (or EOF) within `limit`.
+async fn read_ready(rd: OwnedFd, limit: Duration) -> io::Result<String> {
+    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(rd)?;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = rx.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.contains(&b'\n') || buf.len() > 64 << 10 {
+                break;
+            }
+        }
+        Ok::<_, io::Error>(())
+    };
+    match tokio::time::timeout(limit, read).await {
+        Ok(r) => r?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "readiness timeout")),
+    }
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+/// SIGTERM, wait up to STOP_TIMEOUT for the exit, then SIGKILL.
+async fn stop_pid(pid: Pid, exited: Option<watch::Receiver<Option<String>>>) {
+    if kill(pid, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let wait = async {
+        match exited {
+            Some(mut rx) => {
+                let _ = rx.wait_for(|s| s.is_some()).await;
+            }
+            None => {
+                while !process_gone(pid) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(STOP_TIMEOUT, wait).await.is_err() {
+        warn!(
+            pid = pid.as_raw(),
+            "mount process did not exit after SIGTERM; killing it"
+        );
+        let _ = kill(pid, Signal::SIGKILL);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(restart_delay(0), Duration::from_millis(200));
+        assert_eq!(restart_delay(1), Duration::from_millis(400));
+        assert_eq!(restart_delay(30), MAX_RESTART_DELAY);
+    }
+
+    #[test]
+    fn exit_descriptions() {
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(9)),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(1 << 8)),
+            "exited with status 1"
+        );
+    }
+}
