@@ -81,15 +81,21 @@ fn init_logging(debug: bool) {
         .try_init();
 }
 
-/// `mount -t fuse.csi-nfs-fuse SRC DIR -o OPTS` runs us as
-/// `mount.fuse.csi-nfs-fuse SRC DIR -o OPTS`: treat that as `mount --daemon`.
+/// Mount-helper entry points, both treated as `mount --daemon`:
+/// - `/sbin/mount.fuse.csi-nfs-fuse SRC DIR -o OPTS` (a symlink to us), which
+///   mount(8) runs for `mount -t fuse.csi-nfs-fuse` and fstab entries;
+/// - `csi-nfs-fuse SRC DIR -o OPTS`, which is how fuse3's mount.fuse3 runs
+///   the program named after `fuse.` when no such symlink exists.
 fn helper_args() -> Vec<String> {
     let mut args: Vec<String> = std::env::args().collect();
     let argv0 = std::path::Path::new(&args[0])
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if argv0.starts_with("mount.") {
+    let source_first = args.len() >= 3
+        && !args[1].starts_with('-')
+        && (args[1].contains(":/") || args[1].starts_with("nfs://"));
+    if argv0.starts_with("mount.") || source_first {
         args[0] = "csi-nfs-fuse".into();
         args.insert(1, "mount".into());
         args.push("--daemon".into());

@@ -213,6 +213,20 @@ pub fn daemonize_and_run(mut req: MountRequest) -> anyhow::Result<()> {
             drop(rd);
             let _ = nix::unistd::setsid();
             let _ = std::env::set_current_dir("/");
+            // Like mount.nfs, a helper leaves the terminal alone once it
+            // returns; `-o debug` keeps the log on stderr for troubleshooting.
+            if !req.options.debug {
+                if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: dup2 onto the standard descriptors we own; no
+                    // other thread exists yet.
+                    unsafe {
+                        libc::dup2(null.as_raw_fd(), 0);
+                        libc::dup2(null.as_raw_fd(), 1);
+                        libc::dup2(null.as_raw_fd(), 2);
+                    }
+                }
+            }
             req.ready_fd = Some(std::os::fd::IntoRawFd::into_raw_fd(wr));
             // Errors reach the parent through the readiness pipe.
             let code = if run(req).is_ok() { 0 } else { 1 };

@@ -288,3 +288,66 @@ fn sigterm_flushes_and_unmounts() {
     let mounts = fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains(dir.to_str().unwrap()), "still mounted");
 }
+
+#[test]
+fn works_as_a_mount_helper_for_mount_t_fuse() {
+    let Some(g) = ganesha() else { return };
+    let (dir, rel) = g.test_dir("helper");
+    fs::write(dir.join("seen"), b"via mount(8)").unwrap();
+    // mount(8) looks for /sbin/mount.<type>; this is the documented install.
+    let helper = std::path::Path::new("/sbin/mount.fuse.csi-nfs-fuse");
+    let ours = !helper.exists();
+    if ours {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_csi-nfs-fuse"), helper).unwrap();
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "fuse.csi-nfs-fuse"])
+        .arg(format!("{}:{}/{}", g.host, g.export, rel))
+        .arg(mnt.path())
+        .args(["-o", "nconnect=2,actimeo=1"])
+        .status()
+        .unwrap();
+    if ours {
+        let _ = fs::remove_file(helper);
+    }
+    assert!(st.success(), "mount -t fuse.csi-nfs-fuse failed");
+    let got = fs::read(mnt.path().join("seen"));
+    let unmounted = std::process::Command::new("umount").arg(mnt.path()).status().unwrap();
+    assert_eq!(got.unwrap(), b"via mount(8)");
+    assert!(unmounted.success());
+}
+
+#[test]
+fn server_outage_soft_fails_fast_and_hard_resumes() {
+    let Some(g) = NamedGanesha::start("outage", &[]) else { return };
+    fs::write(g.export_dir.join("a"), b"first").unwrap();
+    fs::write(g.export_dir.join("b"), b"second").unwrap();
+    let soft = FuseMount::start(&g.source(), &format!("{},soft,timeo=5,retrans=2,actimeo=0", g.mount_opts())).unwrap();
+    let hard = FuseMount::start(&g.source(), &format!("{},hard,timeo=5,retrans=2,actimeo=0", g.mount_opts())).unwrap();
+    let held = fs::File::open(soft.path("a")).unwrap();
+    assert_eq!(fs::read(hard.path("a")).unwrap(), b"first");
+
+    g.kill();
+    // soft: an operation that needs the server fails with EIO, no hang.
+    let start = std::time::Instant::now();
+    let err = fs::metadata(soft.path("b")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5), "soft failure took {:?}", start.elapsed());
+
+    // hard: the same operation blocks until the server is back, then succeeds.
+    let reader = {
+        let p = hard.path("b");
+        std::thread::spawn(move || fs::read(p))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!reader.is_finished(), "hard mount must wait for the server");
+    g.restart();
+    assert_eq!(reader.join().unwrap().unwrap(), b"second");
+    // The soft mount recovers too, and the descriptor held across the outage works.
+    assert_eq!(fs::read(soft.path("b")).unwrap(), b"second");
+    let mut s = String::new();
+    let mut held = held;
+    held.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "first");
+}
