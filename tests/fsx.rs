@@ -41,6 +41,8 @@ fn fsx_random_operations_match_the_model() {
     let mut f: File = open();
     let mut model: Vec<u8> = Vec::new();
     let mut rng = Rng(seed | 1);
+    let trace = std::env::var("CSI_NFS_FUSE_FSX_TRACE").is_ok();
+    let mut last = String::new();
     for op in 0..ops {
         match rng.below(100) {
             0..=39 => {
@@ -48,6 +50,7 @@ fn fsx_random_operations_match_the_model() {
                 let cap = if rng.below(4) == 0 { 1 << 20 } else { 65536 };
                 let len = 1 + rng.below(cap);
                 let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                last = format!("write {off}+{len}");
                 f.write_all_at(&data, off).unwrap();
                 let end = (off + len) as usize;
                 if model.len() < end {
@@ -58,6 +61,7 @@ fn fsx_random_operations_match_the_model() {
             40..=74 => {
                 let off = rng.below(model.len() as u64 + 4096);
                 let len = 1 + rng.below(200_000);
+                last = format!("read {off}+{len}");
                 let mut buf = vec![0u8; len as usize];
                 let n = read_full(&f, &mut buf, off);
                 let want = model.get(off as usize..).map_or(&[][..], |s| &s[..s.len().min(len as usize)]);
@@ -69,16 +73,24 @@ fn fsx_random_operations_match_the_model() {
             }
             75..=84 => {
                 let size = rng.below(MAX_LEN);
+                last = format!("truncate {size}");
                 f.set_len(size).unwrap();
                 model.resize(size as usize, 0);
             }
             85..=94 => {
+                last = "reopen".into();
                 drop(f);
                 f = open();
             }
-            _ => f.sync_all().unwrap(),
+            _ => {
+                last = "fsync".into();
+                f.sync_all().unwrap()
+            }
         }
-        assert_eq!(f.metadata().unwrap().len(), model.len() as u64, "op {op} (seed {seed}): size");
+        if trace {
+            eprintln!("{op}: {last} (model size {})", model.len());
+        }
+        assert_eq!(f.metadata().unwrap().len(), model.len() as u64, "op {op} ({last}, seed {seed}): size");
     }
     drop(f);
     let on_server = std::fs::read(server.join("fsx.bin")).unwrap();

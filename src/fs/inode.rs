@@ -119,8 +119,10 @@ impl InodeTable {
                     i.fh = fh.clone();
                     i.generation += 1;
                     i.data_key = None;
+                    Self::refresh(i, attr, now, self.timeouts);
+                } else if attr.ctime >= i.attr.ctime {
+                    Self::refresh(i, attr, now, self.timeouts);
                 }
-                Self::refresh(i, attr, now, self.timeouts);
                 i.nlookup += lookups;
                 (ino, i.generation)
             }
@@ -144,9 +146,21 @@ impl InodeTable {
         }
     }
 
-    /// Updates cached attributes of a known inode, adapting its timeout the
-    /// way the kernel client does: unchanged attributes earn a longer one.
+    /// Updates cached attributes from a reply's post-operation attributes.
+    /// Replies can be processed out of order (a COMMIT answered before a
+    /// truncate but handled after it), so attributes older than the cached
+    /// ones, by ctime, are ignored rather than allowed to roll the file back.
     pub fn update_attr(&self, ino: u64, attr: &Fattr) {
+        if let Some(i) = self.map.lock().get_mut(&ino) {
+            if attr.ctime >= i.attr.ctime {
+                Self::refresh(i, attr, Instant::now(), self.timeouts);
+            }
+        }
+    }
+
+    /// Replaces cached attributes with ones just fetched by GETATTR, which
+    /// are authoritative even if the server's clock went backwards.
+    pub fn set_attr(&self, ino: u64, attr: &Fattr) {
         if let Some(i) = self.map.lock().get_mut(&ino) {
             Self::refresh(i, attr, Instant::now(), self.timeouts);
         }
@@ -278,5 +292,23 @@ mod tests {
         assert_eq!(t.get(ino).unwrap().timeout, Duration::from_secs(12));
         t.update_attr(ino, &attr(10, 2));
         assert_eq!(t.get(ino).unwrap().timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn older_post_op_attributes_do_not_roll_back_newer_ones() {
+        let mut root = attr(2, 0);
+        root.ftype = FileType::Directory;
+        let t = InodeTable::new(fh(0), root, timeouts());
+        let at = |size: u64, ctime: u32| Fattr {
+            size,
+            ctime: NfsTime { seconds: ctime, nseconds: 0 },
+            ..attr(10, 1)
+        };
+        let (ino, _) = t.remember(&fh(1), &at(100, 5), 1);
+        t.update_attr(ino, &at(200, 7));
+        t.update_attr(ino, &at(150, 6)); // a late reply from before the truncate
+        assert_eq!(t.get(ino).unwrap().attr.size, 200);
+        t.set_attr(ino, &at(50, 1)); // GETATTR is authoritative
+        assert_eq!(t.get(ino).unwrap().attr.size, 50);
     }
 }

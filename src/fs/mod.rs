@@ -388,7 +388,7 @@ impl NfsFs {
         fh: &FileHandle,
     ) -> Result<(Fattr, Duration), FsError> {
         let attr = self.nfs.getattr(&self.cred(c), fh).await?.attr;
-        self.inodes.update_attr(ino, &attr);
+        self.inodes.set_attr(ino, &attr);
         let ttl = self
             .inodes
             .get(ino)
