@@ -323,10 +323,14 @@ impl Supervisor {
     pub async fn publish(&self, target: &Path, spec: MountSpec) -> Result<(), Status> {
         let _guard = self.lock_target(target)?;
         let tracked = self.entries.lock().get(target).map(|e| {
-            (
-                e.spec.clone(),
-                matches!(&e.state, State::Running { exited, .. } if exited.borrow().is_none()),
-            )
+            let running = match &e.state {
+                State::Running { pid, exited, .. } if exited.borrow().is_none() => {
+                    // A just-killed child may not be reaped yet: ask /proc.
+                    (!process_gone(*pid)).then(|| (*pid, exited.clone()))
+                }
+                _ => None,
+            };
+            (e.spec.clone(), running)
         });
         match tracked {
             Some((existing, _)) if existing != spec => {
@@ -336,11 +340,18 @@ impl Supervisor {
                     existing.volume_id
                 )));
             }
-            Some((_, true)) => {
-                debug!(target = %target.display(), "already published");
-                return Ok(());
+            Some((_, Some((pid, exited)))) => {
+                if is_mount_point(target) {
+                    debug!(target = %target.display(), "already published");
+                    return Ok(());
+                }
+                // Unmounted behind our back while the child lives on.
+                warn!(target = %target.display(), pid = pid.as_raw(), "mount is gone but its process runs; replacing it");
+                self.entries.lock().remove(target);
+                stop_pid(pid, Some(exited)).await;
+                detach(target)?;
             }
-            Some((_, false)) => {
+            Some((_, None)) => {
                 info!(target = %target.display(), "mount process is gone; remounting");
                 detach(target)?;
             }
@@ -586,13 +597,13 @@ impl Supervisor {
     /// Stops every child (plugin shutdown), in parallel.
     pub async fn shutdown(&self) {
         let entries: Vec<(PathBuf, Entry)> = self.entries.lock().drain().collect();
-        let stops = entries.into_iter().filter_map(|(target, e)| match e.state {
-            State::Running { pid, exited, .. } => Some(async move {
+        let stops = entries.into_iter().map(|(target, e)| async move {
+            if let State::Running { pid, exited, .. } = e.state {
                 info!(target = %target.display(), pid = pid.as_raw(), "stopping mount process");
                 stop_pid(pid, Some(exited)).await;
-                let _ = detach(&target);
-            }),
-            State::Dead { .. } => None,
+            }
+            // Also a dead child's mount, which would stay behind as ENOTCONN.
+            let _ = detach(&target);
         });
         futures::future::join_all(stops).await;
     }
