@@ -88,9 +88,11 @@ pub fn from_connect(e: &ConnectError) -> Status {
         ConnectError::Resolve { .. }
         | ConnectError::Portmap { .. }
         | ConnectError::NotRegistered { .. } => Code::Unavailable,
+        // An export that does not exist, or that the server's export rules
+        // keep from this host (ganesha says ACCES for both): the share is
+        // not usable as configured, which a retry will not change.
         ConnectError::MountDenied { status, .. } => match status.0 {
             2 | 20 => Code::NotFound,
-            1 | 13 => Code::PermissionDenied,
             _ => Code::FailedPrecondition,
         },
         ConnectError::Rpc { source, .. } => from_rpc("", source).code(),
@@ -124,8 +126,6 @@ pub fn from_mount_child(reason: &str) -> Status {
     } else if has("refused to mount") {
         if has("MNT3ERR_NOENT") || has("MNT3ERR_NOTDIR") {
             Code::NotFound
-        } else if has("MNT3ERR_ACCES") || has("MNT3ERR_PERM") {
-            Code::PermissionDenied
         } else {
             Code::FailedPrecondition
         }
@@ -172,7 +172,7 @@ mod tests {
             ),
             (
                 "NFS server h refused to mount '/e': access denied by the server's export rules (MNT3ERR_ACCES) (13)",
-                Code::PermissionDenied,
+                Code::FailedPrecondition,
             ),
             (
                 "NFS server h: portmapper did not answer (cannot connect to 127.0.0.1:111: Connection refused (os error 111)); set port= and mountport= if it runs without rpcbind",
