@@ -497,7 +497,9 @@ impl Supervisor {
             .spawn()
             .map_err(|e| errors::internal(format!("starting {} mount: {e}", self.exe.display())))?;
         drop(wr);
-        let pid = Pid::from_raw(child.id().unwrap_or(0) as i32);
+        let Some(pid) = child.id().map(|id| Pid::from_raw(id as i32)) else {
+            return Err(errors::internal("the mount process vanished at start"));
+        };
         let line = read_ready(rd, READY_TIMEOUT).await;
         let line = match line {
             Ok(l) => l,
@@ -731,7 +733,12 @@ async fn read_ready(rd: OwnedFd, limit: Duration) -> io::Result<String> {
 
 /// SIGTERM, wait up to STOP_TIMEOUT for the exit, then SIGKILL.
 async fn stop_pid(pid: Pid, exited: Option<watch::Receiver<Option<String>>>) {
-    if kill(pid, Signal::SIGTERM).is_err() {
+    // Never signal a pid that was already reaped (and might be reused).
+    let already_gone = match &exited {
+        Some(rx) => rx.borrow().is_some(),
+        None => process_gone(pid),
+    };
+    if already_gone || pid.as_raw() <= 0 || kill(pid, Signal::SIGTERM).is_err() {
         return;
     }
     let wait = async {
