@@ -324,7 +324,7 @@ impl Filesystem for FuseAdapter {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -333,7 +333,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let (fs, c) = (self.fs.clone(), caller(req));
         self.rt.spawn(async move {
-            match fs.read(&c, ino.0, offset, size).await {
+            match fs.read(&c, ino.0, fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(e)),
             }

@@ -140,6 +140,7 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
     let session = fuser::Session::new(adapter, &req.mountpoint, &config)
         .with_context(|| format!("FUSE mount on {}", req.mountpoint.display()))?;
     let bg = session.spawn().context("starting FUSE session")?;
+    tune_kernel_readahead(&req.mountpoint);
     info!(mountpoint = %req.mountpoint.display(), "mounted");
     signal_ready(req.ready_fd, "OK\n");
 
@@ -188,6 +189,25 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The kernel offers FUSE only 128 KiB of readahead, which caps sequential
+/// reads at a few requests in flight. Like the NFS client's read_ahead_kb
+/// tuning, raise it through the mount's backing device in sysfs (root only;
+/// best effort).
+fn tune_kernel_readahead(mountpoint: &Path) {
+    const READ_AHEAD_KB: u32 = 1024;
+    let Ok(st) = nix::sys::stat::stat(mountpoint) else {
+        return;
+    };
+    let (major, minor) = (
+        nix::sys::stat::major(st.st_dev),
+        nix::sys::stat::minor(st.st_dev),
+    );
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+        tracing::debug!(path, error = %e, "could not raise kernel readahead");
+    }
+}
+
 /// Forks; the parent waits for the child's readiness line and exits with
 /// its verdict, so `mount` returns only once the mount is live.
 pub fn daemonize_and_run(mut req: MountRequest) -> anyhow::Result<()> {
@@ -216,7 +236,11 @@ pub fn daemonize_and_run(mut req: MountRequest) -> anyhow::Result<()> {
             // Like mount.nfs, a helper leaves the terminal alone once it
             // returns; `-o debug` keeps the log on stderr for troubleshooting.
             if !req.options.debug {
-                if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                if let Ok(null) = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                {
                     use std::os::fd::AsRawFd;
                     // SAFETY: dup2 onto the standard descriptors we own; no
                     // other thread exists yet.

@@ -29,7 +29,10 @@ const MAX_LEN: u64 = 3 << 20;
 #[test]
 fn fsx_random_operations_match_the_model() {
     let Some(g) = ganesha() else { return };
-    let ops: usize = std::env::var("CSI_NFS_FUSE_FSX_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(4000);
+    let ops: usize = std::env::var("CSI_NFS_FUSE_FSX_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
     let seed: u64 = std::env::var("CSI_NFS_FUSE_FSX_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -37,12 +40,20 @@ fn fsx_random_operations_match_the_model() {
     eprintln!("fsx: {ops} operations, seed {seed} (CSI_NFS_FUSE_FSX_SEED to replay)");
     let (m, server) = g.fuse_mount("fsx", "");
     let path = m.path("fsx.bin");
-    let open = || OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap()
+    };
     let mut f: File = open();
     let mut model: Vec<u8> = Vec::new();
     let mut rng = Rng(seed | 1);
     let trace = std::env::var("CSI_NFS_FUSE_FSX_TRACE").is_ok();
-    let mut last = String::new();
+    let mut last: String;
     for op in 0..ops {
         match rng.below(100) {
             0..=39 => {
@@ -64,11 +75,20 @@ fn fsx_random_operations_match_the_model() {
                 last = format!("read {off}+{len}");
                 let mut buf = vec![0u8; len as usize];
                 let n = read_full(&f, &mut buf, off);
-                let want = model.get(off as usize..).map_or(&[][..], |s| &s[..s.len().min(len as usize)]);
-                assert_eq!(n, want.len(), "op {op} (seed {seed}): short read at {off}+{len}");
+                let want = model
+                    .get(off as usize..)
+                    .map_or(&[][..], |s| &s[..s.len().min(len as usize)]);
+                assert_eq!(
+                    n,
+                    want.len(),
+                    "op {op} (seed {seed}): short read at {off}+{len}"
+                );
                 if buf[..n] != *want {
                     let first = buf[..n].iter().zip(want).position(|(a, b)| a != b).unwrap();
-                    panic!("op {op} (seed {seed}): data differs at byte {}", off + first as u64);
+                    panic!(
+                        "op {op} (seed {seed}): data differs at byte {}",
+                        off + first as u64
+                    );
                 }
             }
             75..=84 => {
@@ -90,11 +110,18 @@ fn fsx_random_operations_match_the_model() {
         if trace {
             eprintln!("{op}: {last} (model size {})", model.len());
         }
-        assert_eq!(f.metadata().unwrap().len(), model.len() as u64, "op {op} ({last}, seed {seed}): size");
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            model.len() as u64,
+            "op {op} ({last}, seed {seed}): size"
+        );
     }
     drop(f);
     let on_server = std::fs::read(server.join("fsx.bin")).unwrap();
-    assert!(on_server == model, "seed {seed}: the server's copy differs from the model after close");
+    assert!(
+        on_server == model,
+        "seed {seed}: the server's copy differs from the model after close"
+    );
 }
 
 fn read_full(f: &File, buf: &mut [u8], off: u64) -> usize {
@@ -109,5 +136,8 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> usize {
 }
 
 fn rand_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }

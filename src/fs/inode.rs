@@ -32,6 +32,15 @@ pub struct Inode {
     pub silly: Option<(u64, Bytes)>,
     /// The (size, mtime, ctime) the cached file data belongs to.
     pub data_key: Option<WccAttr>,
+    /// Generation of this file's blocks in the page cache; bumping it drops
+    /// them all. Unique across inodes and lifetimes.
+    pub cache_gen: u64,
+}
+
+static NEXT_CACHE_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+pub fn next_cache_gen() -> u64 {
+    NEXT_CACHE_GEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Attribute-cache timing from acregmin/acregmax/acdirmin/acdirmax.
@@ -79,6 +88,7 @@ impl InodeTable {
                 open_count: 0,
                 silly: None,
                 data_key: None,
+                cache_gen: next_cache_gen(),
             },
         );
         t
@@ -119,6 +129,7 @@ impl InodeTable {
                     i.fh = fh.clone();
                     i.generation += 1;
                     i.data_key = None;
+                    i.cache_gen = next_cache_gen();
                     Self::refresh(i, attr, now, self.timeouts);
                 } else if attr.ctime >= i.attr.ctime {
                     Self::refresh(i, attr, now, self.timeouts);
@@ -139,6 +150,7 @@ impl InodeTable {
                         open_count: 0,
                         silly: None,
                         data_key: None,
+                        cache_gen: next_cache_gen(),
                     },
                 );
                 (ino, 0)
@@ -175,6 +187,14 @@ impl InodeTable {
         };
         i.attr = *attr;
         i.expires = now + i.timeout;
+    }
+
+    /// Drops every cached block of `ino` (the data changed under us).
+    pub fn invalidate_data(&self, ino: u64) {
+        if let Some(i) = self.map.lock().get_mut(&ino) {
+            i.cache_gen = next_cache_gen();
+            i.data_key = None;
+        }
     }
 
     /// Marks cached attributes stale so the next getattr asks the server.
@@ -301,7 +321,10 @@ mod tests {
         let t = InodeTable::new(fh(0), root, timeouts());
         let at = |size: u64, ctime: u32| Fattr {
             size,
-            ctime: NfsTime { seconds: ctime, nseconds: 0 },
+            ctime: NfsTime {
+                seconds: ctime,
+                nseconds: 0,
+            },
             ..attr(10, 1)
         };
         let (ino, _) = t.remember(&fh(1), &at(100, 5), 1);

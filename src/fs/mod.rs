@@ -3,6 +3,8 @@
 
 pub mod errno;
 pub mod inode;
+pub mod pagecache;
+pub mod readahead;
 pub mod writeback;
 
 use std::collections::HashMap;
@@ -27,6 +29,8 @@ use crate::nfs::{CookieVerf, CreatedOk, Fattr, FileHandle, FileType, NfsClient, 
 use crate::options::{LookupCache, MountOptions};
 use crate::rpc::{AuthSys, Credential};
 use inode::InodeTable;
+use pagecache::PageCache;
+use readahead::ReadAhead;
 use writeback::WriteBack;
 
 const NAME_MAX: usize = 255;
@@ -59,6 +63,7 @@ pub struct FsConfig {
     pub cto: bool,
     pub rdirplus: bool,
     pub dirty_limit: usize,
+    pub cache_size: u64,
     pub machine_name: Arc<str>,
 }
 
@@ -82,6 +87,7 @@ impl FsConfig {
             cto: o.cto,
             rdirplus: o.rdirplus,
             dirty_limit: (o.cache_size / 4).clamp(8 << 20, 256 << 20) as usize,
+            cache_size: o.cache_size,
             machine_name: host.into(),
         }
     }
@@ -167,6 +173,8 @@ pub struct NfsFs {
     /// Recently seen (parent, name) → inode, so unlink and rename can expire
     /// the attributes (nlink, ctime) of the object they changed.
     dentries: Mutex<lru::LruCache<(u64, Bytes), u64>>,
+    pages: Arc<PageCache>,
+    readahead: Mutex<HashMap<u64, ReadAhead>>,
 }
 
 fn check_name(name: &[u8]) -> Result<(), FsError> {
@@ -215,6 +223,8 @@ impl NfsFs {
             Self::track_wcc(&sink_inodes, ino, wcc);
         });
         let writeback = WriteBack::new(session.nfs.clone(), session.wsize, cfg.dirty_limit, sink);
+        let rsize = session.rsize;
+        let cache_size = cfg.cache_size;
         Arc::new(Self {
             nfs: session.nfs.clone(),
             session,
@@ -228,6 +238,8 @@ impl NfsFs {
             silly_counter: AtomicU64::new(0),
             groups: Mutex::new(lru::LruCache::new(NonZeroUsize::new(256).unwrap())),
             dentries: Mutex::new(lru::LruCache::new(NonZeroUsize::new(65536).unwrap())),
+            pages: PageCache::new(rsize, cache_size),
+            readahead: Mutex::new(HashMap::new()),
         })
     }
 
@@ -249,7 +261,11 @@ impl NfsFs {
                     (Some(before), Some(key)) if before == key => {
                         i.data_key = Some(after.change_key())
                     }
-                    (Some(_), Some(_)) | (None, _) => i.data_key = None,
+                    (Some(_), Some(_)) | (None, _) => {
+                        // Someone else changed the file: our blocks are suspect.
+                        i.data_key = None;
+                        i.cache_gen = inode::next_cache_gen();
+                    }
                     (Some(_), None) => {}
                 }
             }
@@ -437,8 +453,8 @@ impl NfsFs {
         let cred = self.cred(c);
         let ok = self.nfs.setattr(&cred, &fh, attrs, None).await?;
         if set.size.is_some() {
-            // Our truncate changes the data; cached pages past it are wrong.
-            self.inodes.with(ino, |i| i.data_key = None);
+            // Our truncate changes the data; cached blocks past it are wrong.
+            self.inodes.invalidate_data(ino);
         }
         match ok.wcc.after {
             Some(a) => {
@@ -707,6 +723,9 @@ impl NfsFs {
             .inodes
             .with(ino, |i| {
                 let keep = i.data_key == Some(key);
+                if !keep {
+                    i.cache_gen = inode::next_cache_gen();
+                }
                 i.data_key = Some(key);
                 keep
             })
@@ -768,26 +787,110 @@ impl NfsFs {
         ))
     }
 
-    /// READ, split into rsize calls issued together.
+    /// READ. Sequential readers go through the page cache with readahead;
+    /// random reads go straight to the server, split into rsize calls.
     pub async fn read(
         &self,
         c: &Caller,
         ino: u64,
+        handle: u64,
         offset: u64,
         size: u32,
     ) -> Result<Bytes, FsError> {
         if self.writeback.is_dirty(ino) {
             self.writeback.drain(ino).await?;
         }
-        let fh = self.fh(ino)?;
+        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
         let cred = self.cred(c);
+        if size == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = offset.saturating_add(size as u64);
+        let window = self
+            .readahead
+            .lock()
+            .entry(handle)
+            .or_insert_with(|| ReadAhead::new(readahead::MAX_WINDOW.min(self.cfg.cache_size / 4)))
+            .observe(offset, size as u64);
+        let bs = self.pages.block_size();
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let cgen = inode.cache_gen;
+        let cached = (first..=last).all(|i| self.pages.contains((cgen, i)));
+        if window == 0 && !cached {
+            return self.read_direct(&cred, ino, &inode.fh, offset, size).await;
+        }
+        let blocks = try_join_all((first..=last).map(|i| {
+            let fetch = self.fetch_block(&cred, ino, &inode.fh, i);
+            self.pages.get_or_fetch((cgen, i), fetch)
+        }))
+        .await?;
+        // Readahead: keep the next blocks coming, within the known file size.
+        if window > 0 {
+            let size_hint = self.inodes.get(ino).map_or(0, |i| i.attr.size);
+            let ra_end = end.saturating_add(window).min(size_hint);
+            if ra_end > (last + 1) * bs {
+                for i in last + 1..=(ra_end - 1) / bs {
+                    let fetch = self.fetch_block(&cred, ino, &inode.fh, i);
+                    self.pages.prefetch((cgen, i), fetch);
+                }
+            }
+        }
+        if blocks.len() == 1 && offset % bs == 0 && blocks[0].len() as u64 <= size as u64 {
+            return Ok(blocks.into_iter().next().unwrap_or_default());
+        }
+        let mut out = BytesMut::with_capacity(size as usize);
+        for (k, b) in blocks.iter().enumerate() {
+            let start = (first + k as u64) * bs;
+            let from = offset.saturating_sub(start) as usize;
+            let to = ((end - start) as usize).min(b.len());
+            if from < to {
+                out.extend_from_slice(&b[from..to]);
+            }
+            if (b.len() as u64) < bs {
+                break; // end of file
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    fn fetch_block(
+        &self,
+        cred: &Credential,
+        ino: u64,
+        fh: &FileHandle,
+        idx: u64,
+    ) -> impl std::future::Future<Output = Result<Bytes, FsError>> + Send + 'static {
+        let (nfs, cred, fh, inodes) = (
+            self.nfs.clone(),
+            cred.clone(),
+            fh.clone(),
+            self.inodes.clone(),
+        );
+        let bs = self.pages.block_size();
+        async move {
+            let r = nfs.read(&cred, &fh, idx * bs, bs as u32).await?;
+            if let Some(a) = r.attr {
+                inodes.update_attr(ino, &a);
+            }
+            Ok(r.data)
+        }
+    }
+
+    async fn read_direct(
+        &self,
+        cred: &Credential,
+        ino: u64,
+        fh: &FileHandle,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, FsError> {
         let rsize = self.session.rsize as u64;
         let end = offset.saturating_add(size as u64);
         let mut calls = Vec::new();
         let mut at = offset;
         while at < end {
             let n = (end - at).min(rsize - at % rsize);
-            calls.push(self.nfs.read(&cred, &fh, at, n as u32));
+            calls.push(self.nfs.read(cred, fh, at, n as u32));
             at += n;
         }
         let replies = try_join_all(calls).await?;
@@ -812,6 +915,10 @@ impl NfsFs {
         Ok(out.freeze())
     }
 
+    pub fn cache_stats(&self) -> pagecache::CacheStats {
+        self.pages.stats()
+    }
+
     pub async fn write(
         &self,
         c: &Caller,
@@ -820,9 +927,11 @@ impl NfsFs {
         data: &[u8],
     ) -> Result<u32, FsError> {
         self.writable()?;
-        let fh = self.fh(ino)?;
+        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
+        self.pages
+            .invalidate_range(inode.cache_gen, offset, offset + data.len() as u64);
         self.writeback
-            .write(ino, &fh, &self.cred(c), offset, data)
+            .write(ino, &inode.fh, &self.cred(c), offset, data)
             .await?;
         Ok(data.len() as u32)
     }
@@ -841,6 +950,7 @@ impl NfsFs {
         if self.files.lock().remove(&handle).is_some() {
             self.open_files.fetch_sub(1, Ordering::Relaxed);
         }
+        self.readahead.lock().remove(&handle);
         let silly = self
             .inodes
             .with(ino, |i| {

@@ -1,0 +1,217 @@
+//! A memory-bounded, shared LRU of file blocks for one mount.
+//!
+//! Blocks are `block` bytes (the READ transfer size) at aligned offsets; the
+//! last block of a file may be shorter. Keys carry a per-inode cache
+//! generation, so invalidating a whole file is a counter bump and its old
+//! blocks simply age out. Concurrent readers of a block that is being
+//! fetched share one READ.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::Shared;
+use parking_lot::Mutex;
+
+use super::errno::FsError;
+
+/// (cache generation, block index). Generations are unique across inodes
+/// and inode lifetimes, so the inode number need not be part of the key.
+pub type BlockKey = (u64, u64);
+
+type Fetch = Shared<Pin<Box<dyn Future<Output = Result<Bytes, FsError>> + Send>>>;
+
+struct Inner {
+    lru: lru::LruCache<BlockKey, Bytes>,
+    bytes: usize,
+    inflight: HashMap<BlockKey, Fetch>,
+}
+
+pub struct PageCache {
+    block: u64,
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub bytes: usize,
+    pub blocks: usize,
+    pub inflight: usize,
+}
+
+impl PageCache {
+    pub fn new(block: u32, capacity: u64) -> Arc<Self> {
+        Arc::new(Self {
+            block: block as u64,
+            capacity: capacity.max(block as u64 * 2) as usize,
+            inner: Mutex::new(Inner {
+                lru: lru::LruCache::unbounded(),
+                bytes: 0,
+                inflight: HashMap::new(),
+            }),
+        })
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn get(&self, key: BlockKey) -> Option<Bytes> {
+        self.inner.lock().lru.get(&key).cloned()
+    }
+
+    pub fn contains(&self, key: BlockKey) -> bool {
+        let g = self.inner.lock();
+        g.lru.contains(&key) || g.inflight.contains_key(&key)
+    }
+
+    pub fn insert(&self, key: BlockKey, data: Bytes) {
+        let mut g = self.inner.lock();
+        if let Some(old) = g.lru.put(key, data.clone()) {
+            g.bytes -= old.len();
+        }
+        g.bytes += data.len();
+        while g.bytes > self.capacity {
+            match g.lru.pop_lru() {
+                Some((_, old)) => g.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Drops the blocks of generation `cgen` that overlap [start, end).
+    pub fn invalidate_range(&self, cgen: u64, start: u64, end: u64) {
+        if end <= start {
+            return;
+        }
+        let mut g = self.inner.lock();
+        for idx in start / self.block..=(end - 1) / self.block {
+            if let Some(old) = g.lru.pop(&(cgen, idx)) {
+                g.bytes -= old.len();
+            }
+            g.inflight.remove(&(cgen, idx));
+        }
+    }
+
+    /// Returns the block, fetching it with `fetch` unless it is cached or
+    /// already being fetched. The fetch runs in its own task, so it completes
+    /// (and fills the cache) even if this caller goes away.
+    pub async fn get_or_fetch<F>(
+        self: &Arc<Self>,
+        key: BlockKey,
+        fetch: F,
+    ) -> Result<Bytes, FsError>
+    where
+        F: Future<Output = Result<Bytes, FsError>> + Send + 'static,
+    {
+        let shared = {
+            let mut g = self.inner.lock();
+            if let Some(b) = g.lru.get(&key) {
+                return Ok(b.clone());
+            }
+            match g.inflight.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = self.spawn_fetch(key, fetch);
+                    g.inflight.insert(key, f.clone());
+                    f
+                }
+            }
+        };
+        shared.await
+    }
+
+    /// Starts fetching a block in the background if it is neither cached nor
+    /// in flight (readahead).
+    pub fn prefetch<F>(self: &Arc<Self>, key: BlockKey, fetch: F)
+    where
+        F: Future<Output = Result<Bytes, FsError>> + Send + 'static,
+    {
+        let mut g = self.inner.lock();
+        if g.lru.contains(&key) || g.inflight.contains_key(&key) {
+            return;
+        }
+        let f = self.spawn_fetch(key, fetch);
+        g.inflight.insert(key, f);
+    }
+
+    fn spawn_fetch<F>(self: &Arc<Self>, key: BlockKey, fetch: F) -> Fetch
+    where
+        F: Future<Output = Result<Bytes, FsError>> + Send + 'static,
+    {
+        let cache = self.clone();
+        let handle = tokio::spawn(async move {
+            let r = fetch.await;
+            let mut g = cache.inner.lock();
+            // Only cache if nobody invalidated the block meanwhile.
+            let still_wanted = g.inflight.remove(&key).is_some();
+            drop(g);
+            if let (Ok(data), true) = (&r, still_wanted) {
+                cache.insert(key, data.clone());
+            }
+            r
+        });
+        let fut: Pin<Box<dyn Future<Output = Result<Bytes, FsError>> + Send>> =
+            Box::pin(async move { handle.await.unwrap_or(Err(FsError::IO)) });
+        fut.shared()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let g = self.inner.lock();
+        CacheStats {
+            bytes: g.bytes,
+            blocks: g.lru.len(),
+            inflight: g.inflight.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn never_exceeds_capacity_and_evicts_least_recent() {
+        let c = PageCache::new(4, 12);
+        for i in 0..5 {
+            c.insert((1, i), Bytes::from(vec![i as u8; 4]));
+        }
+        let s = c.stats();
+        assert!(s.bytes <= 12 && s.blocks == 3, "{s:?}");
+        assert!(c.get((1, 0)).is_none() && c.get((1, 4)).is_some());
+        c.invalidate_range(1, 13, 17); // blocks 3 and 4
+        assert!(c.get((1, 3)).is_none() && c.get((1, 4)).is_none());
+        assert!(c.get((1, 2)).is_some());
+    }
+
+    #[tokio::test]
+    async fn concurrent_readers_share_one_fetch() {
+        let c = PageCache::new(4, 64);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (c, calls) = (c.clone(), calls.clone());
+            tasks.push(tokio::spawn(async move {
+                c.get_or_fetch((7, 0), async move {
+                    calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    Ok(Bytes::from_static(b"data"))
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(&t.await.unwrap().unwrap()[..], b"data");
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(c.stats().blocks, 1);
+    }
+}
