@@ -32,22 +32,34 @@ async fn session() -> (NfsSession, String) {
     match std::env::var("CSI_NFS_FUSE_BENCH_SOURCE") {
         Ok(src) => {
             let src = NfsSource::parse(&src).expect("CSI_NFS_FUSE_BENCH_SOURCE");
-            let s = csi_nfs_fuse::nfs::session::connect(&src.host, &src.path, &opts.connect_config(), &cred())
-                .await
-                .expect("mount");
+            let s = csi_nfs_fuse::nfs::session::connect(
+                &src.host,
+                &src.path,
+                &opts.connect_config(),
+                &cred(),
+            )
+            .await
+            .expect("mount");
             (s, format!("server {}", src.host))
         }
         Err(_) => {
             let mut cfg = MemFsConfig::default();
             cfg.add_file("/bench.bin", vec![7u8; FILE as usize]);
-            let listener = NFSTcpListener::bind("127.0.0.1:0", MemFs::new(cfg).unwrap()).await.unwrap();
+            let listener = NFSTcpListener::bind("127.0.0.1:0", MemFs::new(cfg).unwrap())
+                .await
+                .unwrap();
             let port = listener.get_listen_port();
             tokio::spawn(async move { listener.handle_forever().await });
             opts.port = Some(port);
             opts.mountport = Some(port);
-            let s = csi_nfs_fuse::nfs::session::connect("127.0.0.1", "/", &opts.connect_config(), &cred())
-                .await
-                .expect("mount memfs");
+            let s = csi_nfs_fuse::nfs::session::connect(
+                "127.0.0.1",
+                "/",
+                &opts.connect_config(),
+                &cred(),
+            )
+            .await
+            .expect("mount memfs");
             (s, "in-process memfs".into())
         }
     }
@@ -60,7 +72,12 @@ async fn file(s: &NfsSession) -> FileHandle {
     }
     let fh = s
         .nfs
-        .create(&c, &s.root, b"bench.bin", createhow3::UNCHECKED(sattr_none()))
+        .create(
+            &c,
+            &s.root,
+            b"bench.bin",
+            createhow3::UNCHECKED(sattr_none()),
+        )
         .await
         .unwrap()
         .fh
@@ -98,17 +115,23 @@ async fn read_all(s: &NfsSession, fh: &FileHandle) -> u64 {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let (s, target) = rt.block_on(session());
     let fh = rt.block_on(file(&s));
     let buf = vec![0x5au8; CALL as usize];
     rt.block_on(write_all(&s, &fh, &buf));
-    let mut g = c.benchmark_group(format!("client-only 1 MiB calls x{IN_FLIGHT} in flight ({target})"));
+    let mut g = c.benchmark_group(format!(
+        "client-only 1 MiB calls x{IN_FLIGHT} in flight ({target})"
+    ));
     g.throughput(Throughput::Bytes(FILE));
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(10));
     g.bench_function("sequential READ 64 MiB", |b| {
-        b.to_async(&rt).iter(|| async { assert_eq!(read_all(&s, &fh).await, FILE) })
+        b.to_async(&rt)
+            .iter(|| async { assert_eq!(read_all(&s, &fh).await, FILE) })
     });
     g.bench_function("sequential WRITE 64 MiB (UNSTABLE + COMMIT)", |b| {
         b.to_async(&rt).iter(|| write_all(&s, &fh, &buf))

@@ -25,7 +25,11 @@ fn cred() -> Credential {
 
 /// Mounts the longest prefix of `dir` the server will export, then walks
 /// the rest with LOOKUP. Returns the session and the directory's handle.
-pub async fn mount_dir(src: &NfsSource, dir: &str, opts: &MountOptions) -> anyhow::Result<(NfsSession, FileHandle)> {
+pub async fn mount_dir(
+    src: &NfsSource,
+    dir: &str,
+    opts: &MountOptions,
+) -> anyhow::Result<(NfsSession, FileHandle)> {
     let cfg = opts.connect_config();
     let comps: Vec<&str> = dir.split('/').filter(|c| !c.is_empty()).collect();
     let mut first_err: Option<ConnectError> = None;
@@ -50,7 +54,9 @@ pub async fn mount_dir(src: &NfsSource, dir: &str, opts: &MountOptions) -> anyho
             Err(e) => return Err(e.into()),
         }
     }
-    Err(first_err.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("nothing to mount")))
+    Err(first_err
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("nothing to mount")))
 }
 
 fn split(path: &str) -> anyhow::Result<(&str, &str)> {
@@ -65,7 +71,9 @@ pub fn run(src: &str, dst: &str, options: &[String]) -> anyhow::Result<()> {
     for o in options {
         opts.apply(o)?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let start = Instant::now();
     let bytes = match (src.starts_with("nfs://"), dst.starts_with("nfs://")) {
         (true, false) => rt.block_on(download(&NfsSource::parse(src)?, dst, &opts))?,
@@ -84,10 +92,21 @@ async fn download(src: &NfsSource, dst: &str, opts: &MountOptions) -> anyhow::Re
     let (dir, name) = split(&src.path)?;
     let (s, dirfh) = mount_dir(src, dir, opts).await?;
     let c = cred();
-    let found = s.nfs.lookup(&c, &dirfh, name.as_bytes()).await.map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let found = s
+        .nfs
+        .lookup(&c, &dirfh, name.as_bytes())
+        .await
+        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     let size = match found.attr {
         Some(a) => a.size,
-        None => s.nfs.getattr(&c, &found.fh).await.map_err(|e| anyhow::anyhow!("{e}"))?.attr.size,
+        None => {
+            s.nfs
+                .getattr(&c, &found.fh)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .attr
+                .size
+        }
     };
     let out = File::create(dst).with_context(|| dst.to_string())?;
     out.set_len(size)?;
@@ -102,7 +121,9 @@ async fn download(src: &NfsSource, dst: &str, opts: &MountOptions) -> anyhow::Re
             inflight.push_back(async move { (at, nfs.read(&c, &fh, at, n).await) });
             next += n as u64;
         }
-        let Some((at, r)) = inflight.next().await else { break };
+        let Some((at, r)) = inflight.next().await else {
+            break;
+        };
         let r = r.map_err(|e| anyhow::anyhow!("READ at {at}: {e}"))?;
         out.write_all_at(&r.data, at)?;
         done += r.data.len() as u64;
@@ -118,19 +139,33 @@ async fn upload(src: &str, dst: &NfsSource, opts: &MountOptions) -> anyhow::Resu
     let size = input.metadata()?.len();
     let created = s
         .nfs
-        .create(&c, &dirfh, name.as_bytes(), createhow3::UNCHECKED(sattr_mode(0o644)))
+        .create(
+            &c,
+            &dirfh,
+            name.as_bytes(),
+            createhow3::UNCHECKED(sattr_mode(0o644)),
+        )
         .await
         .map_err(|e| anyhow::anyhow!("CREATE {name}: {e}"))?;
     let fh = match created.fh {
         Some(fh) => fh,
-        None => s.nfs.lookup(&c, &dirfh, name.as_bytes()).await.map_err(|e| anyhow::anyhow!("{e}"))?.fh,
+        None => {
+            s.nfs
+                .lookup(&c, &dirfh, name.as_bytes())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .fh
+        }
     };
     if created.attr.is_some_and(|a| a.size > 0) {
         let set = nfs3_types::nfs3::sattr3 {
             size: nfs3_types::nfs3::Nfs3Option::Some(0),
             ..Default::default()
         };
-        s.nfs.setattr(&c, &fh, set, None).await.map_err(|e| anyhow::anyhow!("truncate: {e}"))?;
+        s.nfs
+            .setattr(&c, &fh, set, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("truncate: {e}"))?;
     }
     let wsize = s.wsize as u64;
     let mut next = 0u64;
@@ -148,7 +183,9 @@ async fn upload(src: &str, dst: &NfsSource, opts: &MountOptions) -> anyhow::Resu
             });
             next += n as u64;
         }
-        let Some((at, n, r)) = inflight.next().await else { break };
+        let Some((at, n, r)) = inflight.next().await else {
+            break;
+        };
         let w = r.map_err(|e| anyhow::anyhow!("WRITE at {at}: {e}"))?;
         if (w.count as usize) < n {
             bail!("server wrote {} of {n} bytes at {at}", w.count);
@@ -157,7 +194,11 @@ async fn upload(src: &str, dst: &NfsSource, opts: &MountOptions) -> anyhow::Resu
             verfs.push((at, n, w.verf));
         }
     }
-    let commit = s.nfs.commit(&c, &fh, 0, 0).await.map_err(|e| anyhow::anyhow!("COMMIT: {e}"))?;
+    let commit = s
+        .nfs
+        .commit(&c, &fh, 0, 0)
+        .await
+        .map_err(|e| anyhow::anyhow!("COMMIT: {e}"))?;
     // A verifier change means the server rebooted and may have lost data.
     for (at, n, verf) in verfs {
         if verf != commit.verf {

@@ -313,18 +313,31 @@ fn works_as_a_mount_helper_for_mount_t_fuse() {
     }
     assert!(st.success(), "mount -t fuse.csi-nfs-fuse failed");
     let got = fs::read(mnt.path().join("seen"));
-    let unmounted = std::process::Command::new("umount").arg(mnt.path()).status().unwrap();
+    let unmounted = std::process::Command::new("umount")
+        .arg(mnt.path())
+        .status()
+        .unwrap();
     assert_eq!(got.unwrap(), b"via mount(8)");
     assert!(unmounted.success());
 }
 
 #[test]
 fn server_outage_soft_fails_fast_and_hard_resumes() {
-    let Some(g) = NamedGanesha::start("outage", &[]) else { return };
+    let Some(g) = NamedGanesha::start("outage", &[]) else {
+        return;
+    };
     fs::write(g.export_dir.join("a"), b"first").unwrap();
     fs::write(g.export_dir.join("b"), b"second").unwrap();
-    let soft = FuseMount::start(&g.source(), &format!("{},soft,timeo=5,retrans=2,actimeo=0", g.mount_opts())).unwrap();
-    let hard = FuseMount::start(&g.source(), &format!("{},hard,timeo=5,retrans=2,actimeo=0", g.mount_opts())).unwrap();
+    let soft = FuseMount::start(
+        &g.source(),
+        &format!("{},soft,timeo=5,retrans=2,actimeo=0", g.mount_opts()),
+    )
+    .unwrap();
+    let hard = FuseMount::start(
+        &g.source(),
+        &format!("{},hard,timeo=5,retrans=2,actimeo=0", g.mount_opts()),
+    )
+    .unwrap();
     let held = fs::File::open(soft.path("a")).unwrap();
     assert_eq!(fs::read(hard.path("a")).unwrap(), b"first");
 
@@ -333,7 +346,11 @@ fn server_outage_soft_fails_fast_and_hard_resumes() {
     let start = std::time::Instant::now();
     let err = fs::metadata(soft.path("b")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(5), "soft failure took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "soft failure took {:?}",
+        start.elapsed()
+    );
 
     // hard: the same operation blocks until the server is back, then succeeds.
     let reader = {
