@@ -96,6 +96,7 @@ IMAGE_BUILT=no
 SERVICES=()
 VOLUMES=()
 EMU_MOUNTS=() # "volume_id target" pairs published by stage 2
+EMU_VOLUME_ID="" # the volume stage 2 created and has not deleted yet
 DOCKERD_LOG=""
 DOCKERD_LOG_OFFSET=0
 JOURNAL_SINCE=""
@@ -112,15 +113,25 @@ cleanup() {
     for s in "${SERVICES[@]}"; do docker service rm "$s" >/dev/null 2>&1; done
     docker rm -f "$EMU_CONTAINER" >/dev/null 2>&1
     for pair in "${EMU_MOUNTS[@]}"; do
-        csi node-unpublish "${pair%% *}" "${pair#* }" >/dev/null 2>&1
+        csi unpublish "${pair%% *}" "${pair#* }" >/dev/null 2>&1
     done
+    [[ -n $EMU_VOLUME_ID ]] && csi delete "$EMU_VOLUME_ID" >/dev/null 2>&1
     for v in "${VOLUMES[@]}"; do
         docker volume rm "$v" >/dev/null 2>&1 || docker volume rm -f "$v" >/dev/null 2>&1
     done
     if docker plugin inspect "$PLUGIN" >/dev/null 2>&1; then
         docker plugin rm -f "$PLUGIN" >/dev/null 2>&1
     fi
-    [[ $IMAGE_BUILT == yes ]] && docker image rm -f "$IMAGE" >/dev/null 2>&1
+    if [[ $IMAGE_BUILT == yes ]]; then
+        # task containers go away after `docker service rm` returns; removing
+        # the image before that would only untag it
+        local i
+        for ((i = 0; i < 60; i++)); do
+            [[ -z $(docker ps -aq --filter "ancestor=$IMAGE" 2>/dev/null) ]] && break
+            sleep 0.5
+        done
+        docker image rm -f "$IMAGE" >/dev/null 2>&1
+    fi
     [[ $SWARM_CREATED == yes ]] && docker swarm leave --force >/dev/null 2>&1
     [[ $STARTED_ISO_GANESHA == yes ]] && "$GANESHA_SH" stop --name "$ISO_GANESHA" --purge >/dev/null 2>&1
     [[ $STARTED_DEFAULT_GANESHA == yes ]] && "$GANESHA_SH" stop --name default >/dev/null 2>&1
@@ -441,11 +452,8 @@ def main():
 main()
 PYEOF
 csi_sock() { echo "/run/docker/plugins/$(plugin_id)/$SOCK_NAME"; }
-csi() { # csi COMMAND ARGS...  (node-unpublish is the cleanup alias)
-    local cmd=$1
-    shift
-    [[ $cmd == node-unpublish ]] && cmd=unpublish
-    python3 "$WORK/csi.py" "$(csi_sock)" "$cmd" "$@" 2>"$WORK/csi.err" \
+csi() { # csi COMMAND ARGS...
+    python3 "$WORK/csi.py" "$(csi_sock)" "$@" 2>"$WORK/csi.err" \
         || { cat "$WORK/csi.err" >&2; return 1; }
 }
 
@@ -498,6 +506,7 @@ if command -v python3 >/dev/null && curl -V | grep -qw HTTP2; then
     vol_id=$(sed -n 's/^volume_id=//p' <<<"$created")
     mapfile -t ctx < <(sed -n 's/^ctx://p' <<<"$created")
     [[ -n $vol_id ]] || die "CreateVolume returned no volume_id"
+    EMU_VOLUME_ID=$vol_id
     [[ -d $EXPORT_DIR/$EMU_VOL ]] || die "CreateVolume did not create $EXPORT_DIR/$EMU_VOL"
     emu_id=e2e$(od -An -N11 -tx1 /dev/urandom | tr -d ' \n')
     target=/data/published/$emu_id
@@ -523,6 +532,7 @@ if command -v python3 >/dev/null && curl -V | grep -qw HTTP2; then
     ! grep -q " $host_target " /proc/self/mounts || die "NodeUnpublishVolume left $host_target mounted"
     [[ ! -e $host_target ]] || die "NodeUnpublishVolume did not remove $host_target"
     csi delete "$vol_id"
+    EMU_VOLUME_ID=""
     [[ ! -e $EXPORT_DIR/$EMU_VOL ]] || die "DeleteVolume (onDelete=delete) left $EXPORT_DIR/$EMU_VOL"
     phase_done
     EMU_PUBLISH_MS=$(publish_ms "$target")
@@ -554,7 +564,8 @@ fi
 
 swarm_state=$(docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || echo unknown)
 if [[ $swarm_state != inactive ]]; then
-    if [[ $(docker node inspect self --format '{{index .Spec.Labels "csi-nfs-fuse-e2e"}}' 2>/dev/null) == yes ]]; then
+    if [[ $(docker node inspect "$(docker info --format '{{.Swarm.NodeID}}')" \
+        --format '{{index .Spec.Labels "csi-nfs-fuse-e2e"}}' 2>/dev/null) == yes ]]; then
         log "leaving a swarm an earlier run of this script left behind"
         docker swarm leave --force >/dev/null
     else
@@ -567,7 +578,8 @@ fi
 phase "swarm init"
 docker swarm init --advertise-addr 127.0.0.1 --listen-addr 127.0.0.1:2377 >/dev/null
 SWARM_CREATED=yes
-docker node update --label-add csi-nfs-fuse-e2e=yes self >/dev/null
+# marks the swarm as ours, so a later run may leave it if this one could not
+docker node update --label-add csi-nfs-fuse-e2e=yes "$(docker info --format '{{.Swarm.NodeID}}')" >/dev/null
 phase_done
 
 phase "plugin create+enable (swarm)"
