@@ -189,6 +189,19 @@ impl InodeTable {
         i.expires = now + i.timeout;
     }
 
+    /// Installs a new handle for the export root (after the export was
+    /// re-created on the server), keeping inode number 1.
+    pub fn replace_root(&self, fh: &FileHandle, attr: &Fattr) {
+        if let Some(i) = self.map.lock().get_mut(&ROOT_INO) {
+            i.fh = fh.clone();
+            i.attr = *attr;
+            i.generation += 1;
+            i.cache_gen = next_cache_gen();
+            i.data_key = None;
+            i.expires = Instant::now() + i.timeout;
+        }
+    }
+
     /// Drops every cached block of `ino` (the data changed under us).
     pub fn invalidate_data(&self, ino: u64) {
         if let Some(i) = self.map.lock().get_mut(&ino) {

@@ -175,6 +175,8 @@ pub struct NfsFs {
     dentries: Mutex<lru::LruCache<(u64, Bytes), u64>>,
     pages: Arc<PageCache>,
     readahead: Mutex<HashMap<u64, ReadAhead>>,
+    /// One root revalidation at a time.
+    root_lock: tokio::sync::Mutex<()>,
 }
 
 fn check_name(name: &[u8]) -> Result<(), FsError> {
@@ -240,6 +242,7 @@ impl NfsFs {
             dentries: Mutex::new(lru::LruCache::new(NonZeroUsize::new(65536).unwrap())),
             pages: PageCache::new(rsize, cache_size),
             readahead: Mutex::new(HashMap::new()),
+            root_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -362,7 +365,7 @@ impl NfsFs {
         }
     }
 
-    pub async fn lookup(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<Entry, FsError> {
+    async fn lookup_once(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<Entry, FsError> {
         check_name(name)?;
         let dir = self.fh(parent)?;
         let cred = self.cred(c);
@@ -379,12 +382,157 @@ impl NfsFs {
         Ok(e)
     }
 
+    // Public operations. Each retries once after revalidating the export root
+    // when the root's handle went stale (the export was re-created on the
+    // server), so the mount never needs remounting to see the new tree.
+
+    pub async fn lookup(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<Entry, FsError> {
+        self.root_retry(parent, || self.lookup_once(c, parent, name))
+            .await
+    }
+
+    pub async fn getattr(&self, c: &Caller, ino: u64) -> Result<(Fattr, Duration), FsError> {
+        self.root_retry(ino, || self.getattr_once(c, ino)).await
+    }
+
+    pub async fn setattr(
+        &self,
+        c: &Caller,
+        ino: u64,
+        set: SetAttrs,
+    ) -> Result<(Fattr, Duration), FsError> {
+        self.root_retry(ino, || self.setattr_once(c, ino, set.clone()))
+            .await
+    }
+
+    pub async fn mknod(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Entry, FsError> {
+        self.root_retry(parent, || self.mknod_once(c, parent, name, mode, rdev))
+            .await
+    }
+
+    pub async fn mkdir(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<Entry, FsError> {
+        self.root_retry(parent, || self.mkdir_once(c, parent, name, mode))
+            .await
+    }
+
+    pub async fn symlink(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<Entry, FsError> {
+        self.root_retry(parent, || self.symlink_once(c, parent, name, target))
+            .await
+    }
+
+    pub async fn unlink(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        self.root_retry(parent, || self.unlink_once(c, parent, name))
+            .await
+    }
+
+    pub async fn rmdir(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        self.root_retry(parent, || self.rmdir_once(c, parent, name))
+            .await
+    }
+
+    pub async fn create(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Entry, Opened), FsError> {
+        self.root_retry(parent, || self.create_once(c, parent, name, mode, flags))
+            .await
+    }
+
+    pub async fn readdir(
+        &self,
+        c: &Caller,
+        handle: u64,
+        offset: u64,
+        plus: bool,
+    ) -> Result<Vec<DirItem>, FsError> {
+        let ino = self
+            .dirs
+            .lock()
+            .get(&handle)
+            .map(|d| d.ino)
+            .ok_or(FsError::BADF)?;
+        self.root_retry(ino, || self.readdir_once(c, handle, offset, plus))
+            .await
+    }
+
+    pub async fn statfs(&self, c: &Caller) -> Result<StatFs, FsError> {
+        self.root_retry(ROOT_INO, || self.statfs_once(c)).await
+    }
+
+    pub async fn access(&self, c: &Caller, ino: u64, mask: i32) -> Result<(), FsError> {
+        self.root_retry(ino, || self.access_once(c, ino, mask))
+            .await
+    }
+
+    async fn root_retry<T, Fut>(&self, ino: u64, mut op: impl FnMut() -> Fut) -> Result<T, FsError>
+    where
+        Fut: std::future::Future<Output = Result<T, FsError>>,
+    {
+        let r = op().await;
+        if ino != ROOT_INO {
+            return r;
+        }
+        // A server may keep answering for a deleted export directory (it
+        // still holds it open) instead of saying ESTALE; a directory with no
+        // links left is just as dead.
+        let unlinked = self.inodes.get(ROOT_INO).is_some_and(|i| i.attr.nlink == 0);
+        if (r.as_ref().err() == Some(&FsError::STALE) || unlinked) && self.revalidate_root().await {
+            return op().await;
+        }
+        r
+    }
+
+    /// Asks mountd for the export's handle again. Returns true if the root
+    /// changed (and was replaced), so the failed operation is worth retrying.
+    pub async fn revalidate_root(&self) -> bool {
+        let cred = self.cred(&Caller::root());
+        let _serial = self.root_lock.lock().await;
+        let Some(old) = self.inodes.fh(ROOT_INO) else {
+            return false;
+        };
+        match self.session.remount(&cred).await {
+            Ok((fh, attr)) if fh != old => {
+                tracing::warn!(export = %self.session.export, "export root handle went stale; using the new one");
+                self.inodes.replace_root(&fh, &attr);
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(export = %self.session.export, error = %e, "revalidating the export root failed");
+                false
+            }
+        }
+    }
+
     pub fn forget(&self, ino: u64, nlookup: u64) {
         self.inodes.forget(ino, nlookup);
     }
 
     /// Returns attributes and how long the kernel may cache them.
-    pub async fn getattr(&self, c: &Caller, ino: u64) -> Result<(Fattr, Duration), FsError> {
+    async fn getattr_once(&self, c: &Caller, ino: u64) -> Result<(Fattr, Duration), FsError> {
         if self.writeback.is_dirty(ino) {
             // Size and mtime must include what we have written.
             self.writeback.drain(ino).await?;
@@ -413,7 +561,7 @@ impl NfsFs {
         Ok((attr, ttl))
     }
 
-    pub async fn setattr(
+    async fn setattr_once(
         &self,
         c: &Caller,
         ino: u64,
@@ -498,7 +646,7 @@ impl NfsFs {
         Ok(e)
     }
 
-    pub async fn mknod(
+    async fn mknod_once(
         &self,
         c: &Caller,
         parent: u64,
@@ -549,7 +697,7 @@ impl NfsFs {
         self.created(c, parent, &dir, name, ok).await
     }
 
-    pub async fn mkdir(
+    async fn mkdir_once(
         &self,
         c: &Caller,
         parent: u64,
@@ -566,7 +714,7 @@ impl NfsFs {
         self.created(c, parent, &dir, name, ok).await
     }
 
-    pub async fn symlink(
+    async fn symlink_once(
         &self,
         c: &Caller,
         parent: u64,
@@ -644,7 +792,7 @@ impl NfsFs {
         Ok(true)
     }
 
-    pub async fn unlink(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
+    async fn unlink_once(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
         self.writable()?;
         check_name(name)?;
         let dir = self.fh(parent)?;
@@ -657,7 +805,7 @@ impl NfsFs {
         Ok(())
     }
 
-    pub async fn rmdir(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
+    async fn rmdir_once(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
         self.writable()?;
         check_name(name)?;
         let dir = self.fh(parent)?;
@@ -736,7 +884,7 @@ impl NfsFs {
         })
     }
 
-    pub async fn create(
+    async fn create_once(
         &self,
         c: &Caller,
         parent: u64,
@@ -995,7 +1143,7 @@ impl NfsFs {
     /// Entries after `offset` (0: the start). With `plus`, each item carries
     /// attributes; the caller must report which it handed to the kernel with
     /// [`NfsFs::readdirplus_done`] so lookup counts stay right.
-    pub async fn readdir(
+    async fn readdir_once(
         &self,
         c: &Caller,
         handle: u64,
@@ -1098,8 +1246,8 @@ impl NfsFs {
         }
     }
 
-    pub async fn statfs(&self, c: &Caller) -> Result<StatFs, FsError> {
-        let st = self.nfs.fsstat(&self.cred(c), &self.session.root).await?;
+    async fn statfs_once(&self, c: &Caller) -> Result<StatFs, FsError> {
+        let st = self.nfs.fsstat(&self.cred(c), &self.fh(ROOT_INO)?).await?;
         let bsize = 4096u64;
         Ok(StatFs {
             blocks: st.tbytes / bsize,
@@ -1113,7 +1261,7 @@ impl NfsFs {
     }
 
     /// access(2): the server is the authority, through ACCESS.
-    pub async fn access(&self, c: &Caller, ino: u64, mask: i32) -> Result<(), FsError> {
+    async fn access_once(&self, c: &Caller, ino: u64, mask: i32) -> Result<(), FsError> {
         if mask == libc::F_OK {
             return self.fh(ino).map(|_| ());
         }

@@ -277,6 +277,50 @@ fn nfs_failure<F>(server: &str, export: &str, step: &'static str, f: Failure<F>)
 }
 
 impl NfsSession {
+    /// MNT again and fetch the root's attributes: the export may have been
+    /// deleted and re-created on the server, leaving our root handle stale.
+    pub async fn remount(&self, cred: &Credential) -> Result<(FileHandle, Fattr), ConnectError> {
+        let cfg = RpcConfig {
+            timeo: Duration::from_secs(5),
+            retrans: 2,
+            hard: false,
+            fail_fast_connect: true,
+            connect_timeout: Duration::from_secs(5),
+            ..self.nfs.rpc().config().clone()
+        };
+        let mountd = MountClient::new(RpcClient::new(
+            SocketAddr::new(self.server.ip(), self.mountport),
+            cfg,
+        ));
+        let rpc_err = |source| ConnectError::Rpc {
+            server: self.host.clone(),
+            export: self.export.clone(),
+            step: "MNT",
+            source,
+        };
+        let fh = match mountd
+            .mnt(cred, self.export.as_bytes())
+            .await
+            .map_err(rpc_err)?
+        {
+            MountReply::Ok(ok) => ok.fh,
+            MountReply::Denied(status) => {
+                return Err(ConnectError::MountDenied {
+                    server: self.host.clone(),
+                    export: self.export.clone(),
+                    status,
+                });
+            }
+        };
+        let attr = self
+            .nfs
+            .getattr(cred, &fh)
+            .await
+            .map_err(|f| nfs_failure(&self.host, &self.export, "GETATTR", f))?
+            .attr;
+        Ok((fh, attr))
+    }
+
     /// Tells mountd we are done (UMNT). Best effort: servers keep no state
     /// that matters for NFSv3 and a dead server must not block unmount.
     pub async fn unmount(&self, cred: &Credential) {
