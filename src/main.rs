@@ -75,8 +75,11 @@ fn init_logging(debug: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CSI_NFS_FUSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour only for a terminal: dockerd and journald keep the escapes verbatim.
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
