@@ -179,7 +179,21 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
     if by_signal && let Err(e) = lazy_unmount(&mountpoint) {
         warn!(error = %e, "unmount failed");
     }
-    let _ = watcher.join();
+    // The session ends when the kernel drops the mount. Another mount
+    // namespace (a container, a daemon started with unshare) can still hold
+    // it after our lazy unmount; don't wait for that forever: exiting closes
+    // /dev/fuse, which ends the connection for those holders too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !watcher.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if watcher.is_finished() {
+        let _ = watcher.join();
+    } else {
+        warn!(
+            "the mount is still referenced elsewhere (another mount namespace?); closing the FUSE connection"
+        );
+    }
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(3), sess.unmount(&cred))
             .await

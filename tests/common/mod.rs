@@ -156,6 +156,21 @@ impl FuseMount {
         self.child.as_ref().unwrap().id()
     }
 
+    /// SIGTERM, then the exit status and everything the process logged.
+    pub fn stop_with_log(&mut self) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        let mut stderr = self.child.as_mut().and_then(|c| c.stderr.take());
+        let reader = std::thread::spawn(move || {
+            let mut out = String::new();
+            if let Some(e) = stderr.as_mut() {
+                let _ = e.read_to_string(&mut out);
+            }
+            out
+        });
+        let st = self.stop();
+        (st, reader.join().unwrap_or_default())
+    }
+
     /// SIGTERM: flush, unmount, exit 0. Returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
