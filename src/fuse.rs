@@ -354,7 +354,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let (fs, c, data) = (self.fs.clone(), caller(req), data.to_vec());
         self.rt.spawn(async move {
-            match fs.write(&c, ino.0, offset, &data).await {
+            match fs.write(&c, ino.0, offset, data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
             }

@@ -1072,16 +1072,17 @@ impl NfsFs {
         c: &Caller,
         ino: u64,
         offset: u64,
-        data: &[u8],
+        data: Vec<u8>,
     ) -> Result<u32, FsError> {
         self.writable()?;
         let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
         self.pages
             .invalidate_range(inode.cache_gen, offset, offset + data.len() as u64);
+        let len = data.len() as u32;
         self.writeback
             .write(ino, &inode.fh, &self.cred(c), offset, data)
             .await?;
-        Ok(data.len() as u32)
+        Ok(len)
     }
 
     /// close(2) of one descriptor: make the data durable and report errors.

@@ -129,7 +129,7 @@ impl WriteBack {
         fh: &FileHandle,
         cred: &Credential,
         offset: u64,
-        data: &[u8],
+        data: Vec<u8>,
     ) -> Result<(), FsError> {
         let file = self.file(ino, fh);
         if let Some(e) = file.state.lock().error.take() {
@@ -161,12 +161,18 @@ impl WriteBack {
             });
             if contiguous {
                 let g = s.gather.as_mut().expect("checked above");
-                g.buf.extend_from_slice(data);
+                g.buf.extend_from_slice(&data);
                 g.permit.merge(permit);
             } else {
                 out = s.gather.take();
-                let mut buf = BytesMut::with_capacity(self.wsize.max(data.len()));
-                buf.extend_from_slice(data);
+                // A full-sized write becomes the chunk as it is, without a copy.
+                let buf = if data.len() >= self.wsize {
+                    BytesMut::from(Bytes::from(data))
+                } else {
+                    let mut b = BytesMut::with_capacity(self.wsize);
+                    b.extend_from_slice(&data);
+                    b
+                };
                 s.gather = Some(Gather {
                     offset,
                     buf,
