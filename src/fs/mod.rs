@@ -148,6 +148,15 @@ pub struct StatFs {
     pub namelen: u32,
 }
 
+/// A cached name → inode result (or its absence), valid while the parent
+/// directory's attributes are fresh and its mtime is the one recorded.
+#[derive(Debug, Clone, Copy)]
+struct Dentry {
+    ino: Option<u64>,
+    dir_mtime: crate::nfs::NfsTime,
+    at: Instant,
+}
+
 /// Supplementary groups read from /proc for a pid: (when, uid, groups).
 type CachedGroups = (Instant, u32, Vec<u32>);
 
@@ -172,7 +181,7 @@ pub struct NfsFs {
     groups: Mutex<lru::LruCache<u32, CachedGroups>>,
     /// Recently seen (parent, name) → inode, so unlink and rename can expire
     /// the attributes (nlink, ctime) of the object they changed.
-    dentries: Mutex<lru::LruCache<(u64, Bytes), u64>>,
+    dentries: Mutex<lru::LruCache<(u64, Bytes), Dentry>>,
     pages: Arc<PageCache>,
     readahead: Mutex<HashMap<u64, ReadAhead>>,
     /// One root revalidation at a time.
@@ -345,15 +354,76 @@ impl NfsFs {
     }
 
     fn note_dentry(&self, parent: u64, name: &[u8], ino: u64) {
-        self.dentries
+        self.remember_name(parent, name, Some(ino));
+    }
+
+    fn remember_name(&self, parent: u64, name: &[u8], ino: Option<u64>) {
+        let Some(dir) = self.inodes.get(parent) else {
+            return;
+        };
+        self.dentries.lock().put(
+            (parent, Bytes::copy_from_slice(name)),
+            Dentry {
+                ino,
+                dir_mtime: dir.attr.mtime,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    /// The lookup cache: a hit needs the parent's attributes to be fresh and
+    /// its mtime unchanged since the name was seen (lookupcache=all|positive).
+    fn cached_lookup(&self, parent: u64, name: &[u8]) -> Option<Result<Entry, FsError>> {
+        if self.cfg.lookupcache == LookupCache::None {
+            return None;
+        }
+        let dir = self.inodes.get(parent)?;
+        if Instant::now() >= dir.expires {
+            return None;
+        }
+        let d = *self
+            .dentries
             .lock()
-            .put((parent, Bytes::copy_from_slice(name)), ino);
+            .get(&(parent, Bytes::copy_from_slice(name)))?;
+        if d.dir_mtime != dir.attr.mtime {
+            return None;
+        }
+        match d.ino {
+            // Absence is trusted only briefly: another client's create does
+            // not change anything we can see until the directory's
+            // attributes are fetched again.
+            None if self.cfg.lookupcache == LookupCache::All
+                && d.at.elapsed() < self.negative_ttl() =>
+            {
+                Some(Err(FsError::NOENT))
+            }
+            None => None,
+            Some(ino) => {
+                let now = Instant::now();
+                let e = self.inodes.with(ino, |i| {
+                    (now < i.expires).then(|| {
+                        i.nlookup += 1;
+                        Entry {
+                            ino,
+                            generation: i.generation,
+                            attr: i.attr,
+                            entry_ttl: Duration::ZERO,
+                            attr_ttl: i.expires - now,
+                        }
+                    })
+                })??;
+                Some(Ok(Entry {
+                    entry_ttl: self.entry_ttl(),
+                    ..e
+                }))
+            }
+        }
     }
 
     /// The object `name` named changed (nlink, ctime): expire its attributes.
     fn expire_dentry(&self, parent: u64, name: &[u8]) {
         let key = (parent, Bytes::copy_from_slice(name));
-        if let Some(ino) = self.dentries.lock().pop(&key) {
+        if let Some(Dentry { ino: Some(ino), .. }) = self.dentries.lock().pop(&key) {
             self.inodes.invalidate_attr(ino);
         }
     }
@@ -367,9 +437,25 @@ impl NfsFs {
 
     async fn lookup_once(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<Entry, FsError> {
         check_name(name)?;
+        if let Some(hit) = self.cached_lookup(parent, name) {
+            return hit;
+        }
         let dir = self.fh(parent)?;
         let cred = self.cred(c);
-        let ok = self.nfs.lookup(&cred, &dir, name).await?;
+        let ok = match self.nfs.lookup(&cred, &dir, name).await {
+            Ok(ok) => ok,
+            Err(crate::nfs::Failure::Nfs {
+                status: nfs3_types::nfs3::nfsstat3::NFS3ERR_NOENT,
+                detail,
+            }) => {
+                if let Some(d) = detail.attr {
+                    self.inodes.update_attr(parent, &d);
+                }
+                self.remember_name(parent, name, None);
+                return Err(FsError::NOENT);
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Some(d) = ok.dir_attr {
             self.inodes.update_attr(parent, &d);
         }

@@ -1,0 +1,131 @@
+//! The filesystem core driven in-process (no FUSE) against nfs3_server's
+//! memfs: lookup cache, page cache bounds, readahead and invalidation.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use csi_nfs_fuse::fs::{Caller, FsConfig, FsError, NfsFs, ROOT_INO};
+use csi_nfs_fuse::options::MountOptions;
+use csi_nfs_fuse::rpc::RpcConfig;
+use nfs3_server::memfs::MemFsConfig;
+
+fn content(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 13 % 251) as u8).collect()
+}
+
+async fn fs_with(files: &[(&str, usize)], opts: &str) -> Arc<NfsFs> {
+    let mut cfg = MemFsConfig::default();
+    for (name, len) in files {
+        cfg.add_file(name, content(*len));
+    }
+    let port = start_memfs(cfg).await;
+    let session = mount_memfs(port, RpcConfig::default()).await;
+    NfsFs::new(
+        session,
+        FsConfig::from_options(&MountOptions::parse(opts).unwrap()),
+    )
+}
+
+fn calls(fs: &NfsFs) -> u64 {
+    fs.session().nfs.rpc().stats().calls_sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_cache_hits_until_the_directory_changes() {
+    let fs = fs_with(&[("/a", 10)], "").await;
+    let who = Caller::root();
+    fs.getattr(&who, ROOT_INO).await.unwrap();
+    let first = fs.lookup(&who, ROOT_INO, b"a").await.unwrap();
+    let before = calls(&fs);
+    let again = fs.lookup(&who, ROOT_INO, b"a").await.unwrap();
+    assert_eq!(again.ino, first.ino);
+    assert_eq!(calls(&fs), before, "a fresh positive entry needs no LOOKUP");
+    assert_eq!(
+        fs.lookup(&who, ROOT_INO, b"missing").await.unwrap_err(),
+        FsError::NOENT
+    );
+    let before = calls(&fs);
+    assert_eq!(
+        fs.lookup(&who, ROOT_INO, b"missing").await.unwrap_err(),
+        FsError::NOENT
+    );
+    assert_eq!(calls(&fs), before, "a fresh negative entry needs no LOOKUP");
+    // Creating the name changes the directory's mtime: the negative entry dies.
+    fs.create(&who, ROOT_INO, b"missing", 0o644, 0)
+        .await
+        .unwrap();
+    assert!(fs.lookup(&who, ROOT_INO, b"missing").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookupcache_none_always_asks_the_server() {
+    let fs = fs_with(&[("/a", 10)], "lookupcache=none").await;
+    let who = Caller::root();
+    fs.lookup(&who, ROOT_INO, b"a").await.unwrap();
+    let before = calls(&fs);
+    fs.lookup(&who, ROOT_INO, b"a").await.unwrap();
+    assert!(calls(&fs) > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_reads_fill_a_bounded_cache_and_prefetch_random_reads_do_not() {
+    let size = 24 << 20;
+    let fs = fs_with(&[("/big", size)], "cache_size=8M").await;
+    let who = Caller::root();
+    let e = fs.lookup(&who, ROOT_INO, b"big").await.unwrap();
+    let h = fs.open(&who, e.ino, libc::O_RDONLY).await.unwrap().fh;
+    let want = content(size);
+    let mut off = 0usize;
+    while off < size {
+        let got = fs
+            .read(&who, e.ino, h, off as u64, 128 << 10)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &want[off..off + got.len()], "at {off}");
+        off += got.len();
+        let st = fs.cache_stats();
+        assert!(st.bytes <= 8 << 20, "cache grew to {} bytes", st.bytes);
+    }
+    let st = fs.cache_stats();
+    assert!(st.blocks > 0, "sequential reads went through the cache");
+
+    // Random 4 KiB reads on a fresh handle bypass the cache: no new blocks.
+    let h2 = fs.open(&who, e.ino, libc::O_RDONLY).await.unwrap().fh;
+    let fs2 = fs_with(&[("/big", size)], "cache_size=8M").await;
+    let e2 = fs2.lookup(&who, ROOT_INO, b"big").await.unwrap();
+    let h3 = fs2.open(&who, e2.ino, libc::O_RDONLY).await.unwrap().fh;
+    let mut x: u64 = 99;
+    for _ in 0..200 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let at = (x >> 33) % (size as u64 - 4096) & !4095;
+        let got = fs2.read(&who, e2.ino, h3, at, 4096).await.unwrap();
+        assert_eq!(&got[..], &want[at as usize..at as usize + 4096]);
+    }
+    assert_eq!(
+        fs2.cache_stats().blocks,
+        0,
+        "random reads must not fill the cache"
+    );
+    let _ = h2;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_invalidate_cached_blocks() {
+    let fs = fs_with(&[("/f", 3 << 20)], "").await;
+    let who = Caller::root();
+    let e = fs.lookup(&who, ROOT_INO, b"f").await.unwrap();
+    let h = fs.open(&who, e.ino, libc::O_RDWR).await.unwrap().fh;
+    for i in 0..3u64 {
+        fs.read(&who, e.ino, h, i << 20, 1 << 20).await.unwrap();
+    }
+    fs.write(&who, e.ino, (1 << 20) + 10, b"NEWDATA".to_vec())
+        .await
+        .unwrap();
+    fs.flush(e.ino).await.unwrap();
+    let got = fs.read(&who, e.ino, h, (1 << 20) + 8, 12).await.unwrap();
+    let mut want = content(3 << 20)[(1 << 20) + 8..(1 << 20) + 20].to_vec();
+    want[2..9].copy_from_slice(b"NEWDATA");
+    assert_eq!(&got[..], &want[..]);
+}
