@@ -144,3 +144,18 @@ async fn missing_export_and_closed_port_fail_fast_with_clear_errors() {
     let msg = err.to_string();
     assert!(msg.contains("refused"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_may_be_named_by_hostname() {
+    let port = start_memfs(MemFsConfig::default()).await;
+    let s = csi_nfs_fuse::nfs::session::connect(
+        "localhost",
+        "/",
+        &memfs_config(port, RpcConfig::default()),
+        &root_cred(),
+    )
+    .await
+    .expect("mount by name");
+    assert!(s.server.ip().is_loopback());
+    // (No unknown-name case: resolving one would query a DNS server off this machine.)
+}
