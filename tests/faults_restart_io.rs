@@ -123,6 +123,7 @@ fn fio_crc32c_verify_survives_a_server_kill_and_restart() {
             "--do_verify=1",
             "--verify_fatal=1",
             "--end_fsync=1",
+            "--verify_state_save=0",
         ])
         .output()
         .unwrap();
