@@ -270,6 +270,27 @@ fn mount_errors_are_clear_and_leave_nothing_behind() {
     assert!(e.contains("frobnicate"), "{e}");
     let mounts = fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains("/no/such/export"));
+
+    // A mountpoint that is a file, and one that does not exist.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_csi-nfs-fuse"))
+        .args(["mount", &g.source(""), file.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is not a directory"),
+        "{err}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_csi-nfs-fuse"))
+        .args(["mount", &g.source(""), "/nonexistent/mountpoint"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/mountpoint"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -357,7 +378,25 @@ fn server_outage_soft_fails_fast_and_hard_resumes() {
         let p = hard.path("b");
         std::thread::spawn(move || fs::read(p))
     };
-    std::thread::sleep(Duration::from_secs(2));
+    // CI holds the server down for the full minute; a quick local
+    // run can shorten it with CSI_NFS_FUSE_OUTAGE_SECS.
+    let outage: u64 = std::env::var("CSI_NFS_FUSE_OUTAGE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let down_at = std::time::Instant::now();
+    while down_at.elapsed() < Duration::from_secs(outage) {
+        assert!(!reader.is_finished(), "hard mount must wait for the server");
+        // soft keeps failing fast for the whole outage, never hanging
+        let t = std::time::Instant::now();
+        assert!(fs::metadata(soft.path("b")).is_err());
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "soft call took {:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(5).min(Duration::from_secs(outage)));
+    }
     assert!(!reader.is_finished(), "hard mount must wait for the server");
     g.restart();
     assert_eq!(reader.join().unwrap().unwrap(), b"second");
