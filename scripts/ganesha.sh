@@ -8,11 +8,20 @@
 #       (idempotent, quiet; one apt-get update only when something is missing).
 #   scripts/ganesha.sh start [--name NAME] [--squash root_squash|no_root_squash]
 #                            [--privileged-port] [--nfs-port N] [--mount-port N]
+#                            [--netns NS] [--bind ADDR]
 #       Start instance NAME (default: "default") with a FRESH, empty export
 #       dir. If NAME is already running with the same options this is a no-op.
 #       Prints key=value lines (shell-quoted, safe to `eval`):
 #         name export_dir export_path host nfs_port mount_port pid log conf
-#         state_dir rpcbind   (rpcbind=host|sandbox, see below)
+#         state_dir rpcbind netns   (rpcbind=host|sandbox, see below)
+#       --netns NS (named instances only): run ganesha inside network
+#       namespace NS (a name from `ip netns add NS`, i.e. /run/netns/NS, or
+#       a path to a netns file); the caller creates NS and its addresses.
+#       --bind ADDR (named instances only): listen on ADDR instead of
+#       127.0.0.1 (host= prints ADDR).  With --netns, ADDR must be an
+#       address inside NS; readiness checks then run inside NS, so they
+#       pass even while the namespace's outside links drop traffic.
+#       kill/restart/stop/status work the same; restart reuses NS and ADDR.
 #   scripts/ganesha.sh stop    [--name NAME | --all] [--purge]
 #       SIGTERM, then SIGKILL after 15 s. State (export, log) is kept unless --purge.
 #   scripts/ganesha.sh kill    [--name NAME]   SIGKILL (crash simulation; state kept)
@@ -40,6 +49,9 @@
 #     connection-oriented inet transport, so libntirpc cannot fall back to
 #     127.0.0.1:111: they can never touch the host rpcbind (if the sandbox is
 #     gone, ganesha fails to start instead).  Needs unshare(1) and root.
+#   * with --netns, ganesha and its sandbox rpcbind run inside the given
+#     network namespace (nsenter(1)) instead of the host's / an empty one;
+#     that rpcbind then also answers on port 111 of the netns addresses.
 #
 # Config notes (nfs-ganesha 4.3, Debian 12): Protocols = 3 only (no NFSv4
 # listener), TCP only (Enable_UDP = false), no NLM/RQUOTA, Graceless so no
@@ -69,7 +81,7 @@ AUTO_PORT_LAST=20998
 START_TIMEOUT=${CSI_NFS_FUSE_GANESHA_START_TIMEOUT:-30}
 STOP_TIMEOUT=${CSI_NFS_FUSE_GANESHA_STOP_TIMEOUT:-15}
 LOG_LEVEL=${CSI_NFS_FUSE_GANESHA_LOG_LEVEL:-NIV_EVENT}
-PACKAGES=(nfs-ganesha nfs-ganesha-vfs rpcbind fuse3 libnfs-utils fio bindfs)
+PACKAGES=(nfs-ganesha nfs-ganesha-vfs rpcbind fuse3 libnfs-utils fio bindfs iproute2 nftables)
 HOST_RPCBIND_SOCK=/run/rpcbind.sock
 
 PROG=ganesha.sh
@@ -158,14 +170,39 @@ wait_dead() { # pid timeout_s
     done
 }
 
-port_in_use() { # TCP listener on any address?
-    local hex
-    hex=$(printf '%04X' "$1")
-    grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 0A " /proc/net/tcp /proc/net/tcp6 2>/dev/null
+# Run a command in the loaded instance's network namespace (if it has one).
+in_netns() {
+    if [[ -n ${I_NETNS:-} ]]; then
+        nsenter --net="$I_NETNS" -- "$@"
+    else
+        "$@"
+    fi
 }
 
-rpc_null() { # port prog vers: RPC NULL call over TCP to 127.0.0.1:port
-    timeout 5 rpcinfo -n "$1" -t "$HOST" "$2" "$3" >/dev/null 2>&1
+port_in_use() { # TCP listener on any address (of the instance's netns)?
+    local hex
+    hex=$(printf '%04X' "$1")
+    in_netns grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 0A " /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+rpc_null() { # port prog vers: RPC NULL call over TCP to the instance's address:port
+    in_netns timeout 5 rpcinfo -n "$1" -t "${I_BIND:-$HOST}" "$2" "$3" >/dev/null 2>&1
+}
+
+# --netns argument -> path of the namespace file
+netns_path() {
+    case $1 in
+        /*) echo "$1" ;;
+        *)
+            [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,60}$ ]] || die "bad netns name '$1'"
+            echo "/run/netns/$1"
+            ;;
+    esac
+}
+
+check_netns() { # path
+    [[ -e $1 ]] || die "network namespace $1 does not exist (create it first: ip netns add NAME)"
+    nsenter --net="$1" -- true 2>/dev/null || die "cannot enter network namespace $1"
 }
 
 registered() { # prog vers port: present in the host rpcbind over tcp?
@@ -203,6 +240,7 @@ lock_base() {
 
 # Instance variables (set by load_instance / new_instance)
 I_NAME= I_DIR= I_SQUASH= I_PRIV= I_NFS_PORT= I_MOUNT_PORT= I_SANDBOX=
+I_NETNS='' I_BIND=$HOST # --netns path ('' = the caller's), listen address
 
 set_paths() {
     I_DIR=$BASE/$I_NAME
@@ -219,6 +257,7 @@ load_instance() { # name -> 0 if instance.env exists
     I_NAME=$1
     set_paths
     [[ -f $I_DIR/instance.env ]] || return 1
+    I_NETNS="" I_BIND=$HOST # instance.env files older than --netns/--bind lack them
     # shellcheck disable=SC1091
     source "$I_DIR/instance.env"
 }
@@ -230,6 +269,8 @@ save_instance() {
         printf 'I_NFS_PORT=%q\n' "$I_NFS_PORT"
         printf 'I_MOUNT_PORT=%q\n' "$I_MOUNT_PORT"
         printf 'I_SANDBOX=%q\n' "$I_SANDBOX"
+        printf 'I_NETNS=%q\n' "$I_NETNS"
+        printf 'I_BIND=%q\n' "$I_BIND"
     } >"$I_DIR/instance.env"
 }
 
@@ -256,12 +297,13 @@ print_env() { # [pid]
         state_dir "$I_DIR" \
         export_dir "$I_EXPORT" \
         export_path "$I_EXPORT" \
-        host "$HOST" \
+        host "$I_BIND" \
         nfs_port "$I_NFS_PORT" \
         mount_port "$I_MOUNT_PORT" \
         squash "$I_SQUASH" \
         privileged_port "$I_PRIV" \
         rpcbind "$([[ $I_SANDBOX == yes ]] && echo sandbox || echo host)" \
+        netns "$I_NETNS" \
         pid "$pid" \
         log "$I_LOG" \
         conf "$I_CONF"
@@ -298,7 +340,7 @@ NFS_CORE_PARAM {
   Enable_UDP = false;
   NFS_Port = $I_NFS_PORT;
   MNT_Port = $I_MOUNT_PORT;
-  Bind_addr = $HOST;
+  Bind_addr = $I_BIND;
   Enable_NLM = false;
   Enable_RQUOTA = false;
   Clustered = false;
@@ -339,9 +381,18 @@ start_sandbox_rpcbind() {
     mkdir -p "$I_RPCB_DIR/rpcbind"
     # new net+mount namespace: binds *:111 of an empty netns, socket lands
     # in $I_RPCB_DIR/rpcbind.sock.  setsid: survive the caller's pgrp.
-    setsid sh -c 'echo $$ >"$1"; exec unshare --net --mount --propagation private -- \
-        sh -c "mount --bind \"\$0\" /run && exec rpcbind -f" "$2"' \
-        sh "$I_RPCB_PIDF" "$I_RPCB_DIR" </dev/null >"$I_DIR/rpcbind.out" 2>&1 9>&- &
+    # With --netns it runs in that netns instead of an empty one (rpcinfo -n,
+    # used for the readiness checks, always asks rpcbind on port 111 of the
+    # target first).  nsenter/unshare exec without forking: the pid is rpcbind's.
+    if [[ -n $I_NETNS ]]; then
+        setsid sh -c 'echo $$ >"$1"; exec nsenter --net="$3" -- unshare --mount --propagation private -- \
+            sh -c "mount --bind \"\$0\" /run && exec rpcbind -f" "$2"' \
+            sh "$I_RPCB_PIDF" "$I_RPCB_DIR" "$I_NETNS" </dev/null >"$I_DIR/rpcbind.out" 2>&1 9>&- &
+    else
+        setsid sh -c 'echo $$ >"$1"; exec unshare --net --mount --propagation private -- \
+            sh -c "mount --bind \"\$0\" /run && exec rpcbind -f" "$2"' \
+            sh "$I_RPCB_PIDF" "$I_RPCB_DIR" </dev/null >"$I_DIR/rpcbind.out" 2>&1 9>&- &
+    fi
     local deadline=$((SECONDS + 10))
     until [[ -S $I_RPCB_DIR/rpcbind.sock ]]; do
         if ((SECONDS >= deadline)); then
@@ -372,10 +423,15 @@ launch() {
         # netconfig without connection-oriented inet transports: libntirpc's
         # local_rpcb() then cannot fall back to 127.0.0.1:111 (host rpcbind)
         sed -E 's/^(tcp6?[[:space:]]+)tpi_cots_ord/\1tpi_raw     /' /etc/netconfig >"$I_NETCONFIG"
+        # $7: network namespace to run in ("" = the caller's)
         unshare --mount --propagation slave -- sh -c '
-            mount --bind "$1" /run/rpcbind.sock && mount --bind "$2" /etc/netconfig &&
+            mount --bind "$1" /run/rpcbind.sock && mount --bind "$2" /etc/netconfig || exit 1
+            if [ -n "$7" ]; then
+                exec nsenter --net="$7" -- ganesha.nfsd -f "$3" -L "$4" -p "$5" -N "$6"
+            fi
             exec ganesha.nfsd -f "$3" -L "$4" -p "$5" -N "$6"' \
             sh "$I_RPCB_DIR/rpcbind.sock" "$I_NETCONFIG" "$I_CONF" "$I_LOG" "$I_PIDF" "$LOG_LEVEL" \
+            "$I_NETNS" \
             </dev/null >/dev/null 2>"$I_DIR/ganesha.stderr" 9>&- \
             || die "launching ganesha.nfsd for '$I_NAME' failed: $(cat "$I_DIR/ganesha.stderr")"
     else
@@ -400,7 +456,7 @@ launch() {
         fi
         if ((SECONDS >= deadline)); then
             tail -n 20 "$I_LOG" >&2 2>/dev/null || true
-            die "ganesha '$I_NAME' not answering on $HOST:$I_NFS_PORT/$I_MOUNT_PORT after ${START_TIMEOUT}s; see $I_LOG"
+            die "ganesha '$I_NAME' not answering on $I_BIND:$I_NFS_PORT/$I_MOUNT_PORT${I_NETNS:+ (netns $I_NETNS)} after ${START_TIMEOUT}s; see $I_LOG"
         fi
         sleep 0.1
     done
@@ -467,6 +523,7 @@ parse_name_only() { # sets NAME, ALL
 
 cmd_start() {
     local name=default squash=no_root_squash priv=false nfs_port="" mount_port="" pid
+    local netns="" bind=""
     while (($#)); do
         case $1 in
             --name) (($# >= 2)) || die "--name needs a value"; name=$2; shift 2 ;;
@@ -478,11 +535,21 @@ cmd_start() {
             --nfs-port=*) nfs_port=${1#*=}; shift ;;
             --mount-port) (($# >= 2)) || die "--mount-port needs a value"; mount_port=$2; shift 2 ;;
             --mount-port=*) mount_port=${1#*=}; shift ;;
+            --netns) (($# >= 2)) || die "--netns needs a value"; netns=$2; shift 2 ;;
+            --netns=*) netns=${1#*=}; shift ;;
+            --bind) (($# >= 2)) || die "--bind needs a value"; bind=$2; shift 2 ;;
+            --bind=*) bind=${1#*=}; shift ;;
             -h | --help) usage ;;
             *) die "unknown argument '$1'" ;;
         esac
     done
     valid_name "$name"
+    if [[ $name == default && -n $netns$bind ]]; then
+        die "--netns/--bind are for named instances only (the default instance always uses $HOST)"
+    fi
+    [[ -z $netns ]] || netns=$(netns_path "$netns")
+    [[ -z $bind || $bind =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || die "--bind takes an IPv4 address, not '$bind'"
+    bind=${bind:-$HOST}
     case $squash in root_squash | no_root_squash) ;; *) die "--squash must be root_squash or no_root_squash" ;; esac
     for p in $nfs_port $mount_port; do
         [[ $p =~ ^[0-9]+$ ]] && ((p > 0 && p < 65536)) || die "bad port '$p'"
@@ -490,14 +557,16 @@ cmd_start() {
     need_root
     need_tools flock
     [[ $name == default ]] || need_tools unshare setsid
+    [[ -z $netns ]] || { need_tools nsenter; check_netns "$netns"; }
     lock_base
     ensure_host_rpcbind
 
     if load_instance "$name" && pid=$(ganesha_pid); then
         [[ $I_SQUASH == "$squash" && $I_PRIV == "$priv" \
             && (-z $nfs_port || $nfs_port == "$I_NFS_PORT") \
-            && (-z $mount_port || $mount_port == "$I_MOUNT_PORT") ]] \
-            || die "instance '$name' already runs with other options (squash=$I_SQUASH privileged_port=$I_PRIV ports=$I_NFS_PORT/$I_MOUNT_PORT); stop it first"
+            && (-z $mount_port || $mount_port == "$I_MOUNT_PORT") \
+            && $I_NETNS == "$netns" && $I_BIND == "$bind" ]] \
+            || die "instance '$name' already runs with other options (squash=$I_SQUASH privileged_port=$I_PRIV ports=$I_NFS_PORT/$I_MOUNT_PORT netns=${I_NETNS:-none} bind=$I_BIND); stop it first"
         if rpc_null "$I_NFS_PORT" 100003 3 && rpc_null "$I_MOUNT_PORT" 100005 3; then
             print_env "$pid"
             return 0
@@ -513,7 +582,7 @@ cmd_start() {
     rm -rf "$I_DIR"
     mkdir -p "$I_EXPORT" "$I_DIR/recovery"
     chmod 0777 "$I_EXPORT" # root_squash'ed root (uid 65534) must be able to create files
-    I_SQUASH=$squash I_PRIV=$priv
+    I_SQUASH=$squash I_PRIV=$priv I_NETNS=$netns I_BIND=$bind
     if [[ $name == default ]]; then
         I_SANDBOX=no
         I_NFS_PORT=${nfs_port:-$DEFAULT_NFS_PORT} I_MOUNT_PORT=${mount_port:-$DEFAULT_MOUNT_PORT}
@@ -547,6 +616,7 @@ cmd_restart() {
     lock_base
     load_instance "$NAME" || die "no instance '$NAME' (under $BASE) to restart; use start"
     [[ -d $I_EXPORT && -f $I_CONF ]] || die "instance '$NAME' state is incomplete ($I_DIR)"
+    [[ -z $I_NETNS ]] || { need_tools nsenter; check_netns "$I_NETNS"; }
     ensure_host_rpcbind
     stop_ganesha TERM
     pid=$(launch) || { stop_sandbox_rpcbind; exit 1; }
@@ -614,8 +684,9 @@ cmd_status() {
         any=yes
         load_instance "$(basename "$(dirname "$n")")"
         if pid=$(ganesha_pid); then
-            printf '%-12s running  pid=%-7s nfs_port=%-5s mount_port=%-5s squash=%s privileged_port=%s export=%s\n' \
-                "$I_NAME" "$pid" "$I_NFS_PORT" "$I_MOUNT_PORT" "$I_SQUASH" "$I_PRIV" "$I_EXPORT"
+            printf '%-12s running  pid=%-7s nfs_port=%-5s mount_port=%-5s squash=%s privileged_port=%s export=%s%s\n' \
+                "$I_NAME" "$pid" "$I_NFS_PORT" "$I_MOUNT_PORT" "$I_SQUASH" "$I_PRIV" "$I_EXPORT" \
+                "${I_NETNS:+ netns=$I_NETNS bind=$I_BIND}"
         else
             printf '%-12s stopped  state=%s\n' "$I_NAME" "$I_DIR"
         fi

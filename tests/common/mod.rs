@@ -213,6 +213,52 @@ impl Drop for FuseMount {
     }
 }
 
+/// What a mount process wrote to stderr (its log), collected by a thread.
+#[derive(Clone, Default)]
+pub struct StderrLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl StderrLog {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The lines logged so far that contain `pat`.
+    pub fn lines_with(&self, pat: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(pat))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl FuseMount {
+    /// Starts draining the mount process's stderr into a buffer in the
+    /// background (so a chatty mount never blocks on a full pipe) and returns
+    /// a handle to read it at any time. Call once, right after `start`.
+    pub fn capture_stderr(&mut self) -> StderrLog {
+        use std::io::Read;
+        let mut stderr = self
+            .child
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("mount stderr not captured yet");
+        let log = StderrLog::default();
+        let buf = log.0.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        log
+    }
+}
+
 impl Ganesha {
     /// Mounts a fresh per-test subdirectory of the export through FUSE.
     pub fn fuse_mount(&self, name: &str, opts: &str) -> (FuseMount, PathBuf) {
