@@ -396,6 +396,14 @@ async fn drive_connection(
         *shared.local_addr.lock() = stream.local_addr().ok();
         debug!(server = %shared.addr, local = ?stream.local_addr().ok(), generation, "connected");
         let opened = Instant::now();
+        // Reconnect requests from calls that timed out on the previous
+        // connection are stale now: drop a stored one, or it would tear down
+        // this fresh connection at once (and send its calls twice).
+        {
+            let stale = shared.reconnect.notified();
+            tokio::pin!(stale);
+            let _ = futures::FutureExt::now_or_never(stale.as_mut());
+        }
         let (rd, wr) = stream.into_split();
         let mut reader = tokio::spawn(read_replies(rd, shared.clone(), cfg.max_record));
         let end = serve_connection(&shared, &mut rx, wr, &mut reader, generation, &cfg).await;
