@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(record_marking rpc_reply nfs_results mount_portmap mount_options)
+((${#targets[@]})) || targets=(record_marking rpc_reply nfs_results mount_portmap mount_options csi_volume_id csi_params)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O

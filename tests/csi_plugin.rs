@@ -2,374 +2,11 @@
 //! tonic client, nfs-ganesha and real FUSE mounts. No mocks.
 
 mod common;
+mod csi_common;
 
-use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use common::*;
-use csi_nfs_fuse::csi::proto::controller_client::ControllerClient;
-use csi_nfs_fuse::csi::proto::identity_client::IdentityClient;
-use csi_nfs_fuse::csi::proto::node_client::NodeClient;
-use csi_nfs_fuse::csi::proto::volume_capability::access_mode::Mode;
-use csi_nfs_fuse::csi::proto::volume_capability::{
-    AccessMode, AccessType, BlockVolume, MountVolume,
-};
-use csi_nfs_fuse::csi::proto::*;
-use csi_nfs_fuse::csi::volume_id::{OnDelete, VolumeRef};
-use hyper_util::rt::TokioIo;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
-use tonic::{Code, Status};
-
-const SECRET: &str = "hunter2-do-not-log-me";
-
-/// A running `csi-nfs-fuse plugin` and a gRPC channel to it.
-struct Plugin {
-    child: Option<Child>,
-    sock: PathBuf,
-    log: PathBuf,
-    channel: Channel,
-    dir: tempfile::TempDir,
-}
-
-async fn connect(sock: &Path) -> Result<Channel, tonic::transport::Error> {
-    let sock = sock.to_path_buf();
-    Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let sock = sock.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(sock).await?)) }
-        }))
-        .await
-}
-
-impl Plugin {
-    async fn start(extra: &[&str]) -> Plugin {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("run").join("csi.sock");
-        Self::start_at(dir, sock, extra).await
-    }
-
-    /// Starts the plugin on `sock` and waits (at most 1 s) until it answers.
-    async fn start_at(dir: tempfile::TempDir, sock: PathBuf, extra: &[&str]) -> Plugin {
-        let log = dir.path().join(format!("plugin-{}.log", rand_suffix()));
-        let logf = std::fs::File::create(&log).unwrap();
-        let started = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_csi-nfs-fuse"))
-            .arg("plugin")
-            .arg("--endpoint")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--node-id")
-            .arg("test-node")
-            .args(extra)
-            .env("CSI_NFS_FUSE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .unwrap();
-        let channel = loop {
-            if let Ok(ch) = connect(&sock).await {
-                let mut id = IdentityClient::new(ch.clone());
-                if id.get_plugin_info(GetPluginInfoRequest {}).await.is_ok() {
-                    break ch;
-                }
-            }
-            if started.elapsed() > Duration::from_secs(1) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "plugin not answering on {} within 1 s; log:\n{}",
-                    sock.display(),
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        Plugin {
-            child: Some(child),
-            sock,
-            log,
-            channel,
-            dir,
-        }
-    }
-
-    fn identity(&self) -> IdentityClient<Channel> {
-        IdentityClient::new(self.channel.clone())
-    }
-    fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel.clone())
-    }
-    fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel.clone())
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// A target path under this plugin's temp dir (not created).
-    fn target(&self, name: &str) -> PathBuf {
-        self.dir.path().join("published").join(name)
-    }
-
-    /// SIGTERM and wait; returns the exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("plugin did not exit within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL, as a crash: its mount children stay behind.
-    fn crash(&mut self) -> tempfile::TempDir {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
-    }
-}
-
-impl Drop for Plugin {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.stop();
-        }
-        // Never let TempDir's recursive removal walk into a leftover mount
-        // (it would delete files on the server).
-        for m in mount_points() {
-            if Path::new(&m).starts_with(self.dir.path()) {
-                let _ = nix::mount::umount2(Path::new(&m), nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-fn mount_cap(mode: Mode) -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-        access_type: Some(AccessType::Mount(MountVolume::default())),
-    }
-}
-
-fn block_cap() -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Block(BlockVolume {})),
-    }
-}
-
-fn kv(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn ganesha_params(g: &Ganesha, extra: &[(&str, &str)]) -> HashMap<String, String> {
-    let mut p = kv(&[("server", &g.host), ("share", &g.export)]);
-    p.extend(kv(extra));
-    p
-}
-
-fn create_req(name: &str, params: HashMap<String, String>) -> CreateVolumeRequest {
-    CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: 0,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
-        parameters: params,
-        secrets: kv(&[("password", SECRET)]),
-        accessibility_requirements: Some(TopologyRequirement::default()),
-        ..Default::default()
-    }
-}
-
-async fn create(p: &Plugin, name: &str, params: HashMap<String, String>) -> Result<Volume, Status> {
-    p.controller()
-        .create_volume(create_req(name, params))
-        .await
-        .map(|r| r.into_inner().volume.expect("volume in response"))
-}
-
-async fn delete(p: &Plugin, id: &str) -> Result<(), Status> {
-    p.controller()
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: id.into(),
-            secrets: kv(&[("password", SECRET)]),
-        })
-        .await
-        .map(|_| ())
-}
-
-fn publish_req(vol: &Volume, target: &Path, readonly: bool) -> NodePublishVolumeRequest {
-    NodePublishVolumeRequest {
-        volume_id: vol.volume_id.clone(),
-        target_path: target.to_string_lossy().into_owned(),
-        volume_capability: Some(mount_cap(Mode::MultiNodeMultiWriter)),
-        readonly,
-        secrets: kv(&[("password", SECRET)]),
-        volume_context: vol.volume_context.clone(),
-        ..Default::default()
-    }
-}
-
-async fn publish(p: &Plugin, vol: &Volume, target: &Path, readonly: bool) -> Result<(), Status> {
-    p.node()
-        .node_publish_volume(publish_req(vol, target, readonly))
-        .await
-        .map(|_| ())
-}
-
-async fn unpublish(p: &Plugin, id: &str, target: &Path) -> Result<(), Status> {
-    p.node()
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: target.to_string_lossy().into_owned(),
-        })
-        .await
-        .map(|_| ())
-}
-
-async fn stats(p: &Plugin, id: &str, path: &str) -> Result<NodeGetVolumeStatsResponse, Status> {
-    p.node()
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: id.into(),
-            volume_path: path.into(),
-            staging_target_path: String::new(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn validate(
-    p: &Plugin,
-    id: &str,
-    caps: Vec<VolumeCapability>,
-) -> Result<ValidateVolumeCapabilitiesResponse, Status> {
-    p.controller()
-        .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
-            volume_id: id.into(),
-            volume_capabilities: caps,
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-#[track_caller]
-fn assert_code<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, needle: &str) {
-    match r {
-        Ok(v) => panic!("expected {code:?} ({needle}), got OK: {v:?}"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(
-                s.message().contains(needle),
-                "message '{}' lacks '{needle}'",
-                s.message()
-            );
-        }
-    }
-}
-
-fn mount_points() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .collect()
-}
-
-fn is_mounted(target: &Path) -> bool {
-    mount_points().iter().any(|m| Path::new(m) == target)
-}
-
-/// Pids of `csi-nfs-fuse mount ... TARGET` processes.
-fn mount_pids(target: &Path) -> Vec<i32> {
-    let mut out = Vec::new();
-    for ent in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(ent.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
-        let zombie = std::fs::read_to_string(ent.path().join("stat"))
-            .map(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if args.len() > 3
-            && args[1] == b"mount"
-            && Path::new(std::str::from_utf8(args[3]).unwrap_or("")) == target
-            && !zombie
-        {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-fn one_mount_pid(target: &Path) -> i32 {
-    let pids = mount_pids(target);
-    assert_eq!(
-        pids.len(),
-        1,
-        "mount processes for {}: {pids:?}",
-        target.display()
-    );
-    pids[0]
-}
-
-/// Polls `f` (in a thread, as file access may block) until true or `limit`.
-async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    f()
-}
-
-/// Runs blocking file I/O with a time limit, so a hung mount fails the test.
-async fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::time::timeout(limit, tokio::task::spawn_blocking(f))
-        .await
-        .expect("file operation hung")
-        .unwrap()
-}
-
-fn unique(tag: &str) -> String {
-    format!("csi-{tag}-{}-{}", std::process::id(), rand_suffix())
-}
+use csi_common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_capabilities_and_socket() {
@@ -1335,7 +972,13 @@ async fn plugin_restart_adopts_live_mounts_and_cleans_stale_ones() {
         move || std::fs::metadata(&t).unwrap_err()
     })
     .await;
-    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    // ENOTCONN, or ECONNABORTED when the stat raced the kernel's abort of
+    // the connection (the dying child's memory, and so its cmdline, goes
+    // before its /dev/fuse descriptors).
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)),
+        "{e}"
+    );
     let p = Plugin::start_at(dir, sock, &[]).await;
     publish(&p, &vol, &t, false).await.unwrap();
     let a = t.clone();
@@ -1396,25 +1039,71 @@ async fn each_mount_has_its_own_channel() {
     let healthy = create(&p, &unique("healthy"), ganesha_params(&g, &[]))
         .await
         .unwrap();
+    let healthy2 = create(&p, &unique("healthy2"), ganesha_params(&g, &[]))
+        .await
+        .unwrap();
     let td = p.target("doomed");
     let th = p.target("healthy");
+    let th2 = p.target("healthy2");
     publish(&p, &doomed, &td, false).await.unwrap();
     publish(&p, &healthy, &th, false).await.unwrap();
-    let (a, b) = (td.clone(), th.clone());
+    publish(&p, &healthy2, &th2, false).await.unwrap();
+    let (a, b, b2) = (td.clone(), th.clone(), th2.clone());
     within(Duration::from_secs(20), move || {
         std::fs::write(a.join("f"), b"d").unwrap();
         std::fs::write(b.join("f"), b"h").unwrap();
+        std::fs::write(b2.join("f"), b"h2").unwrap();
     })
     .await;
 
+    // Each mount process holds its own TCP connections, also the two on
+    // the same server: no socket is shared between processes, and each has
+    // an ESTABLISHED connection of its own to the server's NFS port.
+    let nfs_port: u16 = std::env::var("CSI_NFS_FUSE_GANESHA_NFS_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(2049);
+    let mut seen_inodes: Vec<u64> = Vec::new();
+    let mut seen_ports: Vec<u16> = Vec::new();
+    for (t, server_port) in [(&td, g2.nfs_port), (&th, nfs_port), (&th2, nfs_port)] {
+        let pid = one_mount_pid(t);
+        let conns = tcp_conns(pid);
+        let nfs: Vec<&TcpConn> = conns
+            .iter()
+            .filter(|c| c.state == 1 && c.remote_port == server_port)
+            .collect();
+        eprintln!(
+            "mount process {pid} ({}): NFS connections {nfs:?}",
+            t.display()
+        );
+        assert!(
+            !nfs.is_empty(),
+            "{}: no NFS connection of its own: {conns:?}",
+            t.display()
+        );
+        for ino in socket_inodes(pid) {
+            assert!(
+                !seen_inodes.contains(&ino),
+                "socket {ino} shared between mount processes"
+            );
+            seen_inodes.push(ino);
+        }
+        for c in nfs {
+            assert!(!seen_ports.contains(&c.local_port), "{c:?} shared");
+            seen_ports.push(c.local_port);
+        }
+    }
+
     g2.stop();
     // The healthy volume keeps working while the other server is down.
-    let b = th.clone();
+    let (b, b2) = (th.clone(), th2.clone());
     within(Duration::from_secs(10), move || {
         for i in 0..20 {
-            let f = b.join(format!("during-{i}"));
-            std::fs::write(&f, b"still fine").unwrap();
-            assert_eq!(std::fs::read(&f).unwrap(), b"still fine");
+            for d in [&b, &b2] {
+                let f = d.join(format!("during-{i}"));
+                std::fs::write(&f, b"still fine").unwrap();
+                assert_eq!(std::fs::read(&f).unwrap(), b"still fine");
+            }
         }
     })
     .await;
@@ -1438,4 +1127,6 @@ async fn each_mount_has_its_own_channel() {
     assert!(t.elapsed() < Duration::from_secs(8));
     unpublish(&p, &healthy.volume_id, &th).await.unwrap();
     delete(&p, &healthy.volume_id).await.unwrap();
+    unpublish(&p, &healthy2.volume_id, &th2).await.unwrap();
+    delete(&p, &healthy2.volume_id).await.unwrap();
 }

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::InFlight;
 use super::errors;
+use super::limits::Limits;
 use super::params::{VolumeParams, check_mount_options};
 use super::proto::controller_server::Controller;
 use super::proto::controller_service_capability::{self, rpc};
@@ -471,6 +472,7 @@ impl Controller for ControllerService {
         req: Request<CreateVolumeRequest>,
     ) -> Result<Response<CreateVolumeResponse>, Status> {
         let req = req.into_inner();
+        req.check_limits()?;
         if req.name.is_empty() {
             return Err(errors::missing("name"));
         }
@@ -551,6 +553,7 @@ impl Controller for ControllerService {
         req: Request<DeleteVolumeRequest>,
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
         let req = req.into_inner();
+        req.check_limits()?;
         if req.volume_id.is_empty() {
             return Err(errors::missing("volume_id"));
         }
@@ -583,6 +586,7 @@ impl Controller for ControllerService {
         req: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
         let req = req.into_inner();
+        req.check_limits()?;
         if req.volume_id.is_empty() {
             return Err(errors::missing("volume_id"));
         }
@@ -637,6 +641,7 @@ impl Controller for ControllerService {
         req: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
         let req = req.into_inner();
+        req.check_limits()?;
         for cap in &req.volume_capabilities {
             if check_capability(cap).is_err() {
                 return Ok(Response::new(GetCapacityResponse::default()));

@@ -5,11 +5,13 @@
 //! [`identity`], [`controller`] (volume directories over our NFS client),
 //! [`node`] (one `csi-nfs-fuse mount` child per target, run by the
 //! [`supervisor`]); [`volume_id`] is the one ID codec, [`params`] parses
-//! CreateVolume parameters and [`errors`] maps failures to gRPC codes.
+//! CreateVolume parameters, [`limits`] checks the spec's size limits and
+//! [`errors`] maps failures to gRPC codes.
 
 pub mod controller;
 pub mod errors;
 pub mod identity;
+pub mod limits;
 pub mod node;
 pub mod params;
 pub mod supervisor;
@@ -39,7 +41,7 @@ use proto::node_server::NodeServer;
 /// Where Docker's managed-plugin config mounts the host's /etc/hostname.
 pub const NODE_HOSTNAME_FILE: &str = "/node_hostname";
 /// CSI caps node_id at 256 bytes.
-const MAX_NODE_ID: usize = 256;
+const MAX_NODE_ID: usize = limits::MAX_NODE_ID;
 
 #[derive(Debug, Clone)]
 pub struct PluginConfig {

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::controller::check_capability;
 use super::errors;
+use super::limits::Limits;
 use super::params::{self, check_mount_options, context_get};
 use super::proto::node_server::Node;
 use super::proto::node_service_capability::{self, rpc};
@@ -34,9 +35,22 @@ fn absolute(field: &str, p: &str) -> Result<PathBuf, Status> {
     if p.is_empty() {
         return Err(errors::missing(field));
     }
-    if !p.starts_with('/') || p.contains('\0') {
+    if !p.starts_with('/') {
         return Err(errors::invalid(format!(
             "{field} '{p}' must be an absolute path"
+        )));
+    }
+    if p.contains('\0') {
+        return Err(errors::invalid(format!(
+            "{field} '{}' contains a NUL byte",
+            p.escape_debug()
+        )));
+    }
+    // The SP creates and later removes this directory: never somewhere a
+    // `..` leads to.
+    if p.split('/').any(|c| c == "..") {
+        return Err(errors::invalid(format!(
+            "{field} '{p}' must not contain '..'"
         )));
     }
     Ok(PathBuf::from(p))
@@ -151,6 +165,7 @@ impl Node for NodeService {
         req: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let req = req.into_inner();
+        req.check_limits()?;
         if req.volume_id.is_empty() {
             return Err(errors::missing("volume_id"));
         }
@@ -188,6 +203,7 @@ impl Node for NodeService {
         req: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = req.into_inner();
+        req.check_limits()?;
         if req.volume_id.is_empty() {
             return Err(errors::missing("volume_id"));
         }
@@ -203,6 +219,7 @@ impl Node for NodeService {
         req: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = req.into_inner();
+        req.check_limits()?;
         if req.volume_id.is_empty() {
             return Err(errors::missing("volume_id"));
         }

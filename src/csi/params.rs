@@ -112,6 +112,15 @@ impl VolumeParams {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| invalid(format!("parameter '{SHARE}' is required")))?;
         let share = volume_id::normalize_share(share).map_err(|e| invalid(e.to_string()))?;
+        // The value was trimmed, so whitespace that only a trailing '/' kept
+        // from the trim would be trimmed from the volume_context next time:
+        // refuse rather than have two readings of one share (found by the
+        // csi_params fuzz target).
+        if share.trim_end() != share {
+            return Err(invalid(format!(
+                "share '{share}/': its last component ends in whitespace"
+            )));
+        }
         let sub_dir = match p.get(SUB_DIR) {
             Some(s) => s.to_string(),
             None => name.to_string(),
@@ -280,6 +289,7 @@ mod tests {
                 "nconnect=99",
             ),
             (vec![("server", "a b"), ("share", "/e")], "server"),
+            (vec![("server", "h"), ("share", "/e /")], "whitespace"),
         ] {
             let e = VolumeParams::parse(&map(&kv), "v").unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument);

@@ -226,6 +226,11 @@ pub fn detach(target: &Path) -> Result<(), Status> {
 /// with their arguments (after the executable).
 fn mount_processes(exe: &Path, target: &Path) -> Vec<(Pid, Vec<String>)> {
     let exe_name = exe.file_name().map(|n| n.to_os_string());
+    // The kernel's task name: the executable's file name, cut to 15 bytes.
+    let comm: Vec<u8> = exe_name
+        .as_ref()
+        .map(|n| n.as_encoded_bytes().iter().copied().take(15).collect())
+        .unwrap_or_default();
     let targets = [target.to_path_buf(), canonical_target(target)];
     let me = std::process::id();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -238,6 +243,14 @@ fn mount_processes(exe: &Path, target: &Path) -> Vec<(Pid, Vec<String>)> {
         };
         if pid as u32 == me {
             continue;
+        }
+        // Look at the name first: reading the cmdline (or stat) of an
+        // unrelated process that is stuck on a hung mount elsewhere on the
+        // node can block, and this runs in NodePublish/NodeUnpublish.
+        // /proc/PID/comm never blocks.
+        match std::fs::read(ent.path().join("comm")) {
+            Ok(c) if c.strip_suffix(b"\n").unwrap_or(&c) == comm.as_slice() => {}
+            _ => continue,
         }
         let Ok(raw) = std::fs::read(ent.path().join("cmdline")) else {
             continue;
@@ -271,6 +284,91 @@ fn process_gone(pid: Pid) -> bool {
             .map(|(_, rest)| rest.trim_start().starts_with('Z'))
             .unwrap_or(true),
         Err(_) => true,
+    }
+}
+
+/// `CAP_NET_BIND_SERVICE`: reserved source ports (`resvport`, the default
+/// as root) for the NFS, MOUNT and portmap connections, also on reconnects.
+pub const CAP_NET_BIND_SERVICE: u32 = 10;
+/// `CAP_SYS_ADMIN`: mount(2) of the FUSE filesystem, and umount2(2) of it
+/// when the child is stopped (SIGTERM: flush, then a lazy unmount).
+pub const CAP_SYS_ADMIN: u32 = 21;
+/// The only capabilities a mount child keeps. Everything else the plugin
+/// may hold (CAP_DAC_OVERRIDE, CAP_CHOWN, CAP_SETUID, CAP_SYS_PTRACE, ...)
+/// is of no use to a process that speaks NFS over TCP and FUSE over an
+/// already opened /dev/fuse, so a compromised child cannot use it.
+pub const CHILD_CAPABILITIES: [u32; 2] = [CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN];
+
+/// The highest capability number this kernel knows.
+fn last_capability() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
+        .min(63)
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Runs in the forked child before exec (async-signal-safe calls only).
+///
+/// A root process gets its bounding set as permitted and effective set at
+/// exec, so dropping every other capability from the bounding set (needs
+/// CAP_SETPCAP, which the plugin has as root and in Docker's default set)
+/// leaves the child exactly [`CHILD_CAPABILITIES`]; the inheritable and
+/// ambient sets are emptied so nothing comes back through them, and
+/// no_new_privs stops a set-uid or file-capability program from regaining
+/// any. Best effort: a plugin without CAP_SETPCAP (not root) starts the
+/// child as it is, which then has no more than the plugin.
+fn restrict_capabilities(last_cap: u32) {
+    // SAFETY: plain syscalls on this process with valid pointers.
+    unsafe {
+        for cap in 0..=last_cap {
+            if !CHILD_CAPABILITIES.contains(&cap) {
+                libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+            }
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        let mut hdr = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let mut data = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(
+            libc::SYS_capget,
+            &mut hdr as *mut CapHeader,
+            data.as_mut_ptr(),
+        ) == 0
+        {
+            data[0].inheritable = 0;
+            data[1].inheritable = 0;
+            libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr());
+        }
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
     }
 }
 
@@ -481,14 +579,17 @@ impl Supervisor {
             // unmount volumes behind the supervisor's back.
             .process_group(0)
             .kill_on_drop(false);
-        // SAFETY: runs in the forked child before exec; fcntl is
-        // async-signal-safe. Only this child inherits the write end, so
-        // EOF on the pipe means this child exited.
+        let last_cap = last_capability();
+        // SAFETY: runs in the forked child before exec; fcntl, prctl and
+        // capget/capset are async-signal-safe and nothing allocates. Only
+        // this child inherits the write end, so EOF on the pipe means this
+        // child exited.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::fcntl(wr_fd, libc::F_SETFD, 0) == -1 {
                     return Err(io::Error::last_os_error());
                 }
+                restrict_capabilities(last_cap);
                 Ok(())
             });
         }
