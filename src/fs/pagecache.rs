@@ -30,6 +30,21 @@ struct Inner {
     inflight: HashMap<BlockKey, Fetch>,
 }
 
+impl Inner {
+    /// Evicts least-recently-used blocks until `extra` more bytes (plus one
+    /// block for every fetch in flight) fit in `capacity`: what is being
+    /// read ahead counts against the bound before it lands.
+    fn make_room(&mut self, capacity: usize, block: usize, extra: usize) {
+        let reserved = self.inflight.len() * block;
+        while self.bytes + reserved + extra > capacity {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+}
+
 pub struct PageCache {
     block: u64,
     capacity: usize,
@@ -75,16 +90,12 @@ impl PageCache {
 
     pub fn insert(&self, key: BlockKey, data: Bytes) {
         let mut g = self.inner.lock();
-        if let Some(old) = g.lru.put(key, data.clone()) {
+        if let Some(old) = g.lru.pop(&key) {
             g.bytes -= old.len();
         }
+        g.make_room(self.capacity, self.block as usize, data.len());
         g.bytes += data.len();
-        while g.bytes > self.capacity {
-            match g.lru.pop_lru() {
-                Some((_, old)) => g.bytes -= old.len(),
-                None => break,
-            }
-        }
+        g.lru.put(key, data);
     }
 
     /// Drops the blocks of generation `cgen` that overlap [start, end).
@@ -120,6 +131,7 @@ impl PageCache {
             match g.inflight.get(&key) {
                 Some(f) => f.clone(),
                 None => {
+                    g.make_room(self.capacity, self.block as usize, self.block as usize);
                     let f = self.spawn_fetch(key, fetch);
                     g.inflight.insert(key, f.clone());
                     f
@@ -139,6 +151,12 @@ impl PageCache {
         if g.lru.contains(&key) || g.inflight.contains_key(&key) {
             return;
         }
+        // Readahead never pushes the cache past its bound: skip it if even
+        // evicting everything would not make room.
+        if (g.inflight.len() + 1) * self.block as usize > self.capacity {
+            return;
+        }
+        g.make_room(self.capacity, self.block as usize, self.block as usize);
         let f = self.spawn_fetch(key, fetch);
         g.inflight.insert(key, f);
     }
