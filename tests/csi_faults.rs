@@ -32,6 +32,10 @@ fn outcome<T>(r: std::io::Result<T>, ok: impl FnOnce(T) -> String) -> String {
 /// read at any offset shows which part of the file it got.
 const FILE_SIZE: usize = 8 << 20;
 
+fn pattern_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
 fn record_file() -> Vec<u8> {
     (0..FILE_SIZE / 16)
         .flat_map(|n| format!("r{n:013}|\n").into_bytes())
@@ -170,6 +174,14 @@ async fn mount_death_with_an_open_reader() {
     let record_at = |off: u64| format!("ok(r{:013}|)", off / 16);
     let whole = record_at(0);
 
+    // And one written through the mount and closed before the kill.
+    let closed: Vec<u8> = pattern_bytes(1 << 20);
+    let (f, c) = (t.join("closed.bin"), closed.clone());
+    within(Duration::from_secs(30), move || {
+        std::fs::write(&f, &c).unwrap()
+    })
+    .await;
+
     let mut reader = Reader::start(&file);
     let before = reader.probe(0);
     eprintln!("reader before the kill: {before}");
@@ -234,9 +246,16 @@ async fn mount_death_with_an_open_reader() {
     let republish_time = t0.elapsed();
     let f = file.clone();
     let data = within(Duration::from_secs(20), move || std::fs::read(&f).unwrap()).await;
+    assert!(data == content, "the file differs after the restarts");
+    let f = t.join("closed.bin");
+    let data = within(Duration::from_secs(20), move || std::fs::read(&f).unwrap()).await;
     assert!(
-        data == content,
-        "0 bytes lost: the file differs after the restarts"
+        data == closed,
+        "data written and closed before the kill was lost"
+    );
+    assert!(
+        std::fs::read(g.dir.join(&name).join("closed.bin")).unwrap() == closed,
+        "0 bytes lost on the server"
     );
     let off2 = 7 << 20;
     let again = reader.probe(off2);
@@ -368,5 +387,49 @@ async fn plugin_sigkill_then_restart_adopt_or_unpublish() {
         std::fs::read(g.dir.join(&name).join("while-down.txt")).unwrap(),
         b"no plugin"
     );
+    delete(&p, &vol.volume_id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_restart_can_keep_mounts_serving() {
+    let Some(g) = ganesha() else { return };
+    let keep = [("CSI_NFS_FUSE_KEEP_MOUNTS", "1")];
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run").join("csi.sock");
+    let mut p = Plugin::start_with(dir, sock, &[], &keep).await;
+    let name = unique("keep");
+    let vol = create(&p, &name, ganesha_params(&g, &[])).await.unwrap();
+    let t = p.target("keep");
+    publish(&p, &vol, &t, false).await.unwrap();
+    write_read(&t, "before.txt", b"before the restart").await;
+    let pid = one_mount_pid(&t);
+
+    // SIGTERM with CSI_NFS_FUSE_KEEP_MOUNTS: a clean exit that leaves the
+    // mount serving, with no plugin running at all.
+    let st = p.stop();
+    assert!(st.success(), "{st:?}");
+    assert!(p.log_text().contains("leaving the mount process running"));
+    assert!(is_mounted(&t));
+    assert_eq!(one_mount_pid(&t), pid);
+    write_read(&t, "between.txt", b"no plugin running").await;
+
+    // The next plugin (say, an upgraded binary) adopts it on NodePublish.
+    let dir = std::mem::replace(&mut p.dir, tempfile::tempdir().unwrap());
+    let sock = p.sock.clone();
+    drop(p);
+    let p = Plugin::start_with(dir, sock, &[], &keep).await;
+    publish(&p, &vol, &t, false).await.unwrap();
+    assert_eq!(one_mount_pid(&t), pid, "adopted, not remounted");
+    write_read(&t, "after.txt", b"after the restart").await;
+    unpublish(&p, &vol.volume_id, &t).await.unwrap();
+    assert!(!t.exists() && !is_mounted(&t));
+    assert!(eventually(Duration::from_secs(5), || mount_pids(&t).is_empty()).await);
+    for (f, want) in [
+        ("before.txt", &b"before the restart"[..]),
+        ("between.txt", b"no plugin running"),
+        ("after.txt", b"after the restart"),
+    ] {
+        assert_eq!(std::fs::read(g.dir.join(&name).join(f)).unwrap(), want);
+    }
     delete(&p, &vol.volume_id).await.unwrap();
 }

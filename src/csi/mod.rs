@@ -165,6 +165,18 @@ async fn shutdown_signal() {
     info!(signal = name, "shutting down: finishing calls in flight");
 }
 
+/// `CSI_NFS_FUSE_KEEP_MOUNTS=1`: on SIGTERM/SIGINT leave the mount
+/// processes running (for a restart or an upgrade of the plugin outside a
+/// container, where they outlive it; a Docker managed plugin's container
+/// takes them down with it whatever we do).
+pub const KEEP_MOUNTS_ENV: &str = "CSI_NFS_FUSE_KEEP_MOUNTS";
+
+fn keep_mounts_on_exit() -> bool {
+    std::env::var(KEEP_MOUNTS_ENV)
+        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+        .unwrap_or(false)
+}
+
 /// Runs the plugin until SIGTERM or SIGINT.
 pub async fn serve(cfg: PluginConfig) -> anyhow::Result<()> {
     let path = socket_path(&cfg.endpoint)?;
@@ -187,9 +199,17 @@ pub async fn serve(cfg: PluginConfig) -> anyhow::Result<()> {
         }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
-    // Published volumes go with us; stop their mounts cleanly (flushing
-    // written data) rather than leaving them to die with the container.
-    supervisor.shutdown().await;
+    if keep_mounts_on_exit() {
+        let kept = supervisor.release_all();
+        info!(
+            mounts = kept,
+            "{KEEP_MOUNTS_ENV} is set: leaving the mounts running for the next plugin to adopt"
+        );
+    } else {
+        // Published volumes go with us; stop their mounts cleanly (flushing
+        // written data) rather than leaving them to die with the container.
+        supervisor.shutdown().await;
+    }
     let _ = std::fs::remove_file(&path);
     info!("CSI plugin stopped");
     result.context("gRPC server")

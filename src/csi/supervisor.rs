@@ -711,6 +711,28 @@ impl Supervisor {
         futures::future::join_all(stops).await;
     }
 
+    /// Lets go of every child without stopping it, for a plugin that exits
+    /// but leaves its volumes mounted (`CSI_NFS_FUSE_KEEP_MOUNTS`): they
+    /// keep serving, and the next plugin adopts each on NodePublish or
+    /// stops it on NodeUnpublish. A dead child's mount is detached now (it
+    /// would only answer ENOTCONN). Returns how many were left running.
+    pub fn release_all(&self) -> usize {
+        let entries: Vec<(PathBuf, Entry)> = self.entries.lock().drain().collect();
+        let mut kept = 0;
+        for (target, e) in entries {
+            match e.state {
+                State::Running { pid, exited, .. } if exited.borrow().is_none() => {
+                    info!(target = %target.display(), pid = pid.as_raw(), "leaving the mount process running");
+                    kept += 1;
+                }
+                _ => {
+                    let _ = detach(&target);
+                }
+            }
+        }
+        kept
+    }
+
     /// Handles exits and restarts dead children, until the supervisor is dropped.
     async fn restart_loop(me: std::sync::Weak<Self>, mut rx: mpsc::UnboundedReceiver<Event>) {
         loop {

@@ -57,19 +57,21 @@ impl Plugin {
     pub async fn start_logged(extra: &[&str], filter: &str) -> Plugin {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("run").join("csi.sock");
-        Self::start_with(dir, sock, extra, filter).await
+        Self::start_with(dir, sock, extra, &[("CSI_NFS_FUSE_LOG", filter)]).await
     }
 
     /// Starts the plugin on `sock` and waits (at most 1 s) until it answers.
     pub async fn start_at(dir: tempfile::TempDir, sock: PathBuf, extra: &[&str]) -> Plugin {
-        Self::start_with(dir, sock, extra, "info").await
+        Self::start_with(dir, sock, extra, &[]).await
     }
 
+    /// Starts the plugin with extra arguments and environment variables
+    /// (`CSI_NFS_FUSE_LOG` is `info` unless given).
     pub async fn start_with(
         dir: tempfile::TempDir,
         sock: PathBuf,
         extra: &[&str],
-        filter: &str,
+        envs: &[(&str, &str)],
     ) -> Plugin {
         let log = dir.path().join(format!("plugin-{}.log", rand_suffix()));
         let logf = std::fs::File::create(&log).unwrap();
@@ -81,7 +83,8 @@ impl Plugin {
             .arg("--node-id")
             .arg("test-node")
             .args(extra)
-            .env("CSI_NFS_FUSE_LOG", filter)
+            .env("CSI_NFS_FUSE_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
