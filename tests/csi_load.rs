@@ -302,6 +302,19 @@ async fn fifty_volumes_under_parallel_load() {
         }
     }
     let unpublish_time = t0.elapsed();
+    // Warnings explain a slow unpublish (e.g. a mount namespace created
+    // elsewhere while the volumes were mounted still holds copies of them).
+    let log = p.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("fuser::mnt"))
+        .collect();
+    for l in warnings.iter().take(3) {
+        eprintln!("plugin: {l}");
+    }
+    if warnings.len() > 3 {
+        eprintln!("plugin: ... {} warnings in all", warnings.len());
+    }
     let mut lost = 0usize;
     for (i, (_, t, dir)) in vols.iter().enumerate() {
         assert!(!t.exists() && !is_mounted(t), "{}", t.display());
