@@ -593,3 +593,54 @@ async fn traversal_in_ids_and_sub_dirs_is_refused() {
     }
     assert!(mount_pids(&target).is_empty());
 }
+
+/// `docker plugin set CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS=...` reaches every
+/// publish, and a bad value is refused by name rather than mounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_default_mount_options_apply_and_are_validated() {
+    let Some(g) = common::ganesha() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("csi.sock");
+    let p = Plugin::start_with(
+        dir,
+        sock,
+        &[],
+        &[("CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS", "actimeo=7,nconnect=3")],
+    )
+    .await;
+    let name = format!("defopts-{}", rand_suffix());
+    let vol = create(&p, &name, ganesha_params(&g, &[])).await.unwrap();
+    let target = p.target("defopts");
+    publish(&p, &vol, &target, false).await.unwrap();
+    let pid = mount_pids(&target)[0];
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .replace('\0', " ");
+    assert!(cmdline.contains("actimeo=7,nconnect=3"), "{cmdline}");
+    unpublish(&p, &vol.volume_id, &target).await.unwrap();
+    delete(&p, &vol.volume_id).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("csi.sock");
+    let p = Plugin::start_with(
+        dir,
+        sock,
+        &[],
+        &[("CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS", "frobnicate")],
+    )
+    .await;
+    let vol = create(
+        &p,
+        &format!("defbad-{}", rand_suffix()),
+        ganesha_params(&g, &[]),
+    )
+    .await
+    .unwrap();
+    let r = publish(&p, &vol, &p.target("defbad"), false).await;
+    assert_code(
+        r,
+        tonic::Code::InvalidArgument,
+        "CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS",
+    );
+    delete(&p, &vol.volume_id).await.unwrap();
+}

@@ -56,7 +56,8 @@ fn absolute(field: &str, p: &str) -> Result<PathBuf, Status> {
     Ok(PathBuf::from(p))
 }
 
-/// The `-o` list for a publish: the volume's mountOptions, the capability's
+/// The `-o` list for a publish: the plugin's default options, the volume's
+/// mountOptions, the capability's
 /// mount flags, allow_other (containers run as any user), ro if asked, and
 /// the ports recorded in the volume id.
 pub fn mount_options(
@@ -66,6 +67,15 @@ pub fn mount_options(
     readonly: bool,
 ) -> Result<String, Status> {
     let mut parts: Vec<String> = Vec::new();
+    // The plugin-wide defaults (`docker plugin set
+    // CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS=...`) come first, so a volume's own
+    // mountOptions override them (later options win).
+    if let Ok(o) = std::env::var("CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS")
+        && !o.trim().is_empty()
+    {
+        check_mount_options("CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS", &o)?;
+        parts.push(o.trim().to_string());
+    }
     if let Some(o) = context_get(context, params::MOUNT_OPTIONS) {
         check_mount_options(params::MOUNT_OPTIONS, o)?;
         if !o.trim().is_empty() {
