@@ -347,12 +347,10 @@ async fn fifty_volumes_under_parallel_load() {
 /// Regression test for a bug the load test found (in src/fs, not the CSI
 /// code): a READDIRPLUS that runs while a file has written-but-unflushed
 /// data hands the kernel the server's older attributes (size 0 after the
-/// O_TRUNC), so a read right after close(2) returns 0 bytes on this node
-/// although the server has all of the data. Ignored until the fs fix lands
-/// (readdir_once/entry_for must not report attributes of a dirty inode, or
-/// must include the local writes, as getattr does by draining first).
+/// O_TRUNC), so a read right after close(2) returned 0 bytes on this node
+/// although the server had all of the data. Fixed in src/fs (entry_for never
+/// reports a size below the data written locally but not yet sent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src/fs bug: READDIRPLUS attributes of a file with unflushed writes reach the kernel"]
 async fn readdir_during_writes_keeps_sizes() {
     let Some(g) = ganesha() else { return };
     let p = Plugin::start(&[]).await;

@@ -338,6 +338,14 @@ impl NfsFs {
     }
 
     fn entry_for(&self, fh: &FileHandle, attr: &Fattr, lookups: u64) -> Entry {
+        // Data we have accepted but not yet sent is newer than the server's
+        // view: never report a size that would make the kernel drop it
+        // (a READDIRPLUS racing a write would otherwise shrink the file).
+        let mut attr = *attr;
+        if let Some(end) = self.writeback.local_end(self.inodes.ino_of(attr.fileid)) {
+            attr.size = attr.size.max(end);
+        }
+        let attr = &attr;
         let (ino, generation) = self.inodes.remember(fh, attr, lookups);
         let attr_ttl = self
             .inodes
