@@ -361,6 +361,26 @@ impl NfsFs {
         }
     }
 
+    /// The entry for `name` in `parent` after LOOKUP, CREATE, MKDIR, LINK…:
+    /// fetches the attributes if the reply came without them, counts one
+    /// kernel lookup and remembers the name.
+    async fn named_entry(
+        &self,
+        cred: &Credential,
+        parent: u64,
+        name: &[u8],
+        fh: &FileHandle,
+        attr: Option<Fattr>,
+    ) -> Result<Entry, FsError> {
+        let attr = match attr {
+            Some(a) => a,
+            None => self.nfs.getattr(cred, fh).await?.attr,
+        };
+        let e = self.entry_for(fh, &attr, 1);
+        self.note_dentry(parent, name, e.ino);
+        Ok(e)
+    }
+
     fn note_dentry(&self, parent: u64, name: &[u8], ino: u64) {
         self.remember_name(parent, name, Some(ino));
     }
@@ -467,13 +487,7 @@ impl NfsFs {
         if let Some(d) = ok.dir_attr {
             self.inodes.update_attr(parent, &d);
         }
-        let attr = match ok.attr {
-            Some(a) => a,
-            None => self.nfs.getattr(&cred, &ok.fh).await?.attr,
-        };
-        let e = self.entry_for(&ok.fh, &attr, 1);
-        self.note_dentry(parent, name, e.ino);
-        Ok(e)
+        self.named_entry(&cred, parent, name, &ok.fh, ok.attr).await
     }
 
     // Public operations. Each retries once after revalidating the export root
@@ -731,13 +745,7 @@ impl NfsFs {
             Some(fh) => fh,
             None => self.nfs.lookup(&cred, dir, name).await?.fh,
         };
-        let attr = match ok.attr {
-            Some(a) => a,
-            None => self.nfs.getattr(&cred, &fh).await?.attr,
-        };
-        let e = self.entry_for(&fh, &attr, 1);
-        self.note_dentry(parent, name, e.ino);
-        Ok(e)
+        self.named_entry(&cred, parent, name, &fh, ok.attr).await
     }
 
     async fn mknod_once(
@@ -839,13 +847,8 @@ impl NfsFs {
         let cred = self.cred(c);
         let ok = self.nfs.link(&cred, &fh, &dir, newname).await?;
         self.update_dir(newparent, &ok.dir_wcc);
-        let attr = match ok.attr {
-            Some(a) => a,
-            None => self.nfs.getattr(&cred, &fh).await?.attr,
-        };
-        let e = self.entry_for(&fh, &attr, 1);
-        self.note_dentry(newparent, newname, e.ino);
-        Ok(e)
+        self.named_entry(&cred, newparent, newname, &fh, ok.attr)
+            .await
     }
 
     /// If `name` in `dir` is a file we hold open, renames it to a hidden
@@ -1077,7 +1080,7 @@ impl NfsFs {
                 }
             }
         }
-        if blocks.len() == 1 && offset % bs == 0 && blocks[0].len() as u64 <= size as u64 {
+        if blocks.len() == 1 && offset.is_multiple_of(bs) && blocks[0].len() as u64 <= size as u64 {
             return Ok(blocks.into_iter().next().unwrap_or_default());
         }
         let mut out = BytesMut::with_capacity(size as usize);
