@@ -249,20 +249,19 @@ pub fn daemonize_and_run(mut req: MountRequest) -> anyhow::Result<()> {
             let _ = std::env::set_current_dir("/");
             // Like mount.nfs, a helper leaves the terminal alone once it
             // returns; `-o debug` keeps the log on stderr for troubleshooting.
-            if !req.options.debug {
-                if let Ok(null) = std::fs::OpenOptions::new()
+            if !req.options.debug
+                && let Ok(null) = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
                     .open("/dev/null")
-                {
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: dup2 onto the standard descriptors we own; no
-                    // other thread exists yet.
-                    unsafe {
-                        libc::dup2(null.as_raw_fd(), 0);
-                        libc::dup2(null.as_raw_fd(), 1);
-                        libc::dup2(null.as_raw_fd(), 2);
-                    }
+            {
+                use std::os::fd::AsRawFd;
+                // SAFETY: dup2 onto the standard descriptors we own; no
+                // other thread exists yet.
+                unsafe {
+                    libc::dup2(null.as_raw_fd(), 0);
+                    libc::dup2(null.as_raw_fd(), 1);
+                    libc::dup2(null.as_raw_fd(), 2);
                 }
             }
             req.ready_fd = Some(std::os::fd::IntoRawFd::into_raw_fd(wr));

@@ -99,7 +99,7 @@ async fn sequential_reads_fill_a_bounded_cache_and_prefetch_random_reads_do_not(
     let mut x: u64 = 99;
     for _ in 0..200 {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let at = (x >> 33) % (size as u64 - 4096) & !4095;
+        let at = ((x >> 33) % (size as u64 - 4096)) & !4095;
         let got = fs2.read(&who, e2.ino, h3, at, 4096).await.unwrap();
         assert_eq!(&got[..], &want[at as usize..at as usize + 4096]);
     }

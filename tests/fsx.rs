@@ -36,7 +36,7 @@ fn fsx_random_operations_match_the_model() {
     let seed: u64 = std::env::var("CSI_NFS_FUSE_FSX_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| rand_seed());
+        .unwrap_or_else(rand_seed);
     eprintln!("fsx: {ops} operations, seed {seed} (CSI_NFS_FUSE_FSX_SEED to replay)");
     let (m, server) = g.fuse_mount("fsx", "");
     let path = m.path("fsx.bin");

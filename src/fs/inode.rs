@@ -163,10 +163,10 @@ impl InodeTable {
     /// truncate but handled after it), so attributes older than the cached
     /// ones, by ctime, are ignored rather than allowed to roll the file back.
     pub fn update_attr(&self, ino: u64, attr: &Fattr) {
-        if let Some(i) = self.map.lock().get_mut(&ino) {
-            if attr.ctime >= i.attr.ctime {
-                Self::refresh(i, attr, Instant::now(), self.timeouts);
-            }
+        if let Some(i) = self.map.lock().get_mut(&ino)
+            && attr.ctime >= i.attr.ctime
+        {
+            Self::refresh(i, attr, Instant::now(), self.timeouts);
         }
     }
 

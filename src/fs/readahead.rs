@@ -84,7 +84,7 @@ mod tests {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let off = (x >> 20) % (1 << 30) & !4095;
+            let off = ((x >> 20) % (1 << 30)) & !4095;
             let w = ra.observe(off, 4096);
             assert_eq!(w, 0, "random 4 KiB read at {off} triggered readahead");
         }
