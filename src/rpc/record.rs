@@ -75,30 +75,31 @@ impl RecordDecoder {
     }
 }
 
+/// Splits `payload` into record-marked fragments of at most `max_fragment`
+/// bytes: (header, slice) pairs, the last one flagged, at least one (an
+/// empty record is one empty last fragment). The slices borrow the payload,
+/// so a sender can write them without copying.
+pub fn fragments(payload: &[u8], max_fragment: usize) -> impl Iterator<Item = ([u8; 4], &[u8])> {
+    let max_fragment = max_fragment.clamp(1, LENGTH_MASK as usize);
+    let count = payload.len().div_ceil(max_fragment).max(1);
+    (0..count).map(move |k| {
+        let chunk = &payload
+            [(k * max_fragment).min(payload.len())..((k + 1) * max_fragment).min(payload.len())];
+        let mut header = chunk.len() as u32;
+        if k + 1 == count {
+            header |= LAST_FRAGMENT;
+        }
+        (header.to_be_bytes(), chunk)
+    })
+}
+
 /// Appends `payload` to `out` as one record, split into fragments of at most
 /// `max_fragment` bytes.
 pub fn encode_record(out: &mut BytesMut, payload: &[u8], max_fragment: usize) {
-    let max_fragment = max_fragment.clamp(1, LENGTH_MASK as usize);
-    let mut chunks = payload.chunks(max_fragment).peekable();
-    if chunks.peek().is_none() {
-        out.put_u32(LAST_FRAGMENT);
-        return;
-    }
-    while let Some(chunk) = chunks.next() {
-        let mut header = chunk.len() as u32;
-        if chunks.peek().is_none() {
-            header |= LAST_FRAGMENT;
-        }
-        out.put_u32(header);
+    for (header, chunk) in fragments(payload, max_fragment) {
+        out.put_slice(&header);
         out.put_slice(chunk);
     }
-}
-
-/// Writes the record header for a single-fragment record of `len` bytes in
-/// place, so a caller that built the payload after 4 reserved bytes avoids a copy.
-pub fn single_fragment_header(len: usize) -> [u8; 4] {
-    debug_assert!(len <= LENGTH_MASK as usize);
-    ((len as u32) | LAST_FRAGMENT).to_be_bytes()
 }
 
 #[cfg(test)]

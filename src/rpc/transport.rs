@@ -533,16 +533,8 @@ async fn write_call(
     shared.stats.calls_sent.fetch_add(1, Ordering::Relaxed);
     // Record marks are written around slices of the payload, so splitting a
     // large call into fragments costs no copy.
-    let mut chunks = payload.chunks(max_fragment.max(1)).peekable();
-    if chunks.peek().is_none() {
-        return wr.write_all(&0x8000_0000u32.to_be_bytes()).await;
-    }
-    while let Some(chunk) = chunks.next() {
-        let mut header = chunk.len() as u32;
-        if chunks.peek().is_none() {
-            header |= 0x8000_0000;
-        }
-        wr.write_all(&header.to_be_bytes()).await?;
+    for (header, chunk) in super::record::fragments(&payload, max_fragment) {
+        wr.write_all(&header).await?;
         wr.write_all(chunk).await?;
     }
     Ok(())
