@@ -341,12 +341,10 @@ impl NfsFs {
         // Data we have accepted but not yet sent is newer than the server's
         // view: never report a size that would make the kernel drop it
         // (a READDIRPLUS racing a write would otherwise shrink the file).
-        let mut attr = *attr;
-        if let Some(end) = self.writeback.local_end(self.inodes.ino_of(attr.fileid)) {
-            attr.size = attr.size.max(end);
-        }
-        let attr = &attr;
         let (ino, generation) = self.inodes.remember(fh, attr, lookups);
+        // The table holds the newest attributes we know (by ctime); a reply
+        // produced before our writes reached the server must not win.
+        let attr = &self.current_attr(ino, *attr);
         let attr_ttl = self
             .inodes
             .get(ino)
@@ -379,6 +377,16 @@ impl NfsFs {
         let e = self.entry_for(fh, &attr, 1);
         self.note_dentry(parent, name, e.ino);
         Ok(e)
+    }
+
+    /// The attributes to hand the kernel for `ino`: the newest known, with
+    /// the size never below data written locally but not yet sent.
+    fn current_attr(&self, ino: u64, fallback: Fattr) -> Fattr {
+        let mut attr = self.inodes.get(ino).map_or(fallback, |i| i.attr);
+        if let Some(end) = self.writeback.local_end(ino) {
+            attr.size = attr.size.max(end);
+        }
+        attr
     }
 
     fn note_dentry(&self, parent: u64, name: &[u8], ino: u64) {
@@ -1265,6 +1273,13 @@ impl NfsFs {
             Some((rest, _))
                 if !rest.is_empty() && (!plus || rest.iter().all(|i| i.entry.is_some())) =>
             {
+                // The page was fetched earlier: give the kernel today's attributes.
+                let mut rest = rest;
+                for item in rest.iter_mut() {
+                    if let Some(e) = item.entry.as_mut() {
+                        e.attr = self.current_attr(e.ino, e.attr);
+                    }
+                }
                 return Ok(rest);
             }
             Some((_, true)) => return Ok(Vec::new()),
