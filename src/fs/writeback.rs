@@ -189,17 +189,25 @@ impl WriteBack {
             sends
         };
         for g in to_send {
-            self.spawn_send(ino, file.clone(), g);
+            self.spawn_send(ino, file.clone(), g, StableHow::Unstable);
         }
         Ok(())
     }
 
-    fn spawn_send(self: &Arc<Self>, ino: u64, file: Arc<FileWrites>, g: Gather) {
+    fn spawn_send(self: &Arc<Self>, ino: u64, file: Arc<FileWrites>, g: Gather, how: StableHow) {
         let wb = self.clone();
-        tokio::spawn(async move {
+        tokio::spawn(async move { wb.send_gather(ino, &file, g, how).await });
+    }
+
+    /// WRITEs one gathered chunk and files the outcome: uncommitted (to be
+    /// COMMITted later), durable, or a sticky error.
+    async fn send_gather(&self, ino: u64, file: &FileWrites, g: Gather, how: StableHow) {
+        {
             let cred = file.state.lock().cred.clone().unwrap_or(Credential::None);
             let data = g.buf.freeze();
-            let result = wb.send_chunk(ino, &file.fh, &cred, g.offset, &data).await;
+            let result = self
+                .send_chunk(ino, &file.fh, &cred, g.offset, &data, how)
+                .await;
             let mut s = file.state.lock();
             match result {
                 Ok((verf, StableHow::Unstable)) => {
@@ -221,7 +229,7 @@ impl WriteBack {
             if s.inflight == 0 {
                 file.idle.notify_waiters();
             }
-        });
+        }
     }
 
     /// WRITEs one chunk, continuing after short writes.
@@ -232,6 +240,7 @@ impl WriteBack {
         cred: &Credential,
         offset: u64,
         data: &[u8],
+        how: StableHow,
     ) -> Result<(WriteVerf, StableHow), FsError> {
         let mut done = 0usize;
         let mut weakest = StableHow::FileSync;
@@ -239,13 +248,7 @@ impl WriteBack {
         while done < data.len() {
             let ok = self
                 .nfs
-                .write(
-                    cred,
-                    fh,
-                    offset + done as u64,
-                    &data[done..],
-                    StableHow::Unstable,
-                )
+                .write(cred, fh, offset + done as u64, &data[done..], how)
                 .await?;
             (self.wcc_sink)(ino, &ok.wcc);
             if ok.count == 0 {
@@ -262,19 +265,37 @@ impl WriteBack {
 
     /// Sends gathered data and waits until nothing is in flight.
     pub async fn drain(self: &Arc<Self>, ino: u64) -> Result<(), FsError> {
+        self.drain_as(ino, false).await
+    }
+
+    /// `durable`: the caller wants the data on stable storage next. When the
+    /// gathered chunk is all the file has outstanding, it goes FILE_SYNC and
+    /// saves the COMMIT round trip (the kernel client's FLUSH_COND_STABLE):
+    /// a small file costs one WRITE on close instead of WRITE + COMMIT.
+    async fn drain_as(self: &Arc<Self>, ino: u64, durable: bool) -> Result<(), FsError> {
         let Some(file) = self.files.lock().get(&ino).cloned() else {
             return Ok(());
         };
-        let g = {
+        let (g, how) = {
             let mut s = file.state.lock();
             let g = s.gather.take();
+            let alone = s.inflight == 0 && s.uncommitted.is_empty();
             if g.is_some() {
                 s.inflight += 1;
             }
-            g
+            let how = if durable && alone {
+                StableHow::FileSync
+            } else {
+                StableHow::Unstable
+            };
+            (g, how)
         };
         if let Some(g) = g {
-            self.spawn_send(ino, file.clone(), g);
+            if how == StableHow::FileSync {
+                self.send_gather(ino, &file, g, how).await;
+            } else {
+                self.spawn_send(ino, file.clone(), g, how);
+            }
         }
         loop {
             let idle = file.idle.notified();
@@ -292,7 +313,7 @@ impl WriteBack {
     /// and resend chunks whose verifier no longer matches. Reports (and
     /// clears) any write error since the last report.
     pub async fn flush(self: &Arc<Self>, ino: u64) -> Result<(), FsError> {
-        self.drain(ino).await?;
+        self.drain_as(ino, true).await?;
         let Some(file) = self.files.lock().get(&ino).cloned() else {
             return Ok(());
         };
@@ -443,7 +464,7 @@ impl WriteBack {
                     (send, commit)
                 };
                 if let Some(g) = send {
-                    this.spawn_send(ino, file.clone(), g);
+                    this.spawn_send(ino, file.clone(), g, StableHow::Unstable);
                 }
                 if commit {
                     let this2 = this.clone();
