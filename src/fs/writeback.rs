@@ -202,33 +202,31 @@ impl WriteBack {
     /// WRITEs one gathered chunk and files the outcome: uncommitted (to be
     /// COMMITted later), durable, or a sticky error.
     async fn send_gather(&self, ino: u64, file: &FileWrites, g: Gather, how: StableHow) {
-        {
-            let cred = file.state.lock().cred.clone().unwrap_or(Credential::None);
-            let data = g.buf.freeze();
-            let result = self
-                .send_chunk(ino, &file.fh, &cred, g.offset, &data, how)
-                .await;
-            let mut s = file.state.lock();
-            match result {
-                Ok((verf, StableHow::Unstable)) => {
-                    s.oldest_uncommitted.get_or_insert_with(Instant::now);
-                    s.uncommitted.push(Chunk {
-                        offset: g.offset,
-                        data,
-                        verf,
-                        _permit: g.permit,
-                    });
-                }
-                Ok(_) => {} // already durable; the permit is released here
-                Err(e) => {
-                    warn!(ino, offset = g.offset, error = %e, "write-back failed");
-                    s.error.get_or_insert(e);
-                }
+        let cred = file.state.lock().cred.clone().unwrap_or(Credential::None);
+        let data = g.buf.freeze();
+        let result = self
+            .send_chunk(ino, &file.fh, &cred, g.offset, &data, how)
+            .await;
+        let mut s = file.state.lock();
+        match result {
+            Ok((verf, StableHow::Unstable)) => {
+                s.oldest_uncommitted.get_or_insert_with(Instant::now);
+                s.uncommitted.push(Chunk {
+                    offset: g.offset,
+                    data,
+                    verf,
+                    _permit: g.permit,
+                });
             }
-            s.inflight -= 1;
-            if s.inflight == 0 {
-                file.idle.notify_waiters();
+            Ok(_) => {} // already durable; the permit is released here
+            Err(e) => {
+                warn!(ino, offset = g.offset, error = %e, "write-back failed");
+                s.error.get_or_insert(e);
             }
+        }
+        s.inflight -= 1;
+        if s.inflight == 0 {
+            file.idle.notify_waiters();
         }
     }
 
@@ -291,11 +289,9 @@ impl WriteBack {
             (g, how)
         };
         if let Some(g) = g {
-            if how == StableHow::FileSync {
-                self.send_gather(ino, &file, g, how).await;
-            } else {
-                self.spawn_send(ino, file.clone(), g, how);
-            }
+            // Spawned even when waited for below: a dropped flush must not
+            // leave `inflight` counted up forever.
+            self.spawn_send(ino, file.clone(), g, how);
         }
         loop {
             let idle = file.idle.notified();
@@ -365,24 +361,8 @@ impl WriteBack {
             self.resent
                 .fetch_add(lost.len() as u64, std::sync::atomic::Ordering::Relaxed);
             for c in lost {
-                let mut done = 0usize;
-                while done < c.data.len() {
-                    let ok = self
-                        .nfs
-                        .write(
-                            &cred,
-                            &file.fh,
-                            c.offset + done as u64,
-                            &c.data[done..],
-                            StableHow::FileSync,
-                        )
-                        .await?;
-                    (self.wcc_sink)(ino, &ok.wcc);
-                    if ok.count == 0 {
-                        return Err(FsError::IO);
-                    }
-                    done += ok.count as usize;
-                }
+                self.send_chunk(ino, &file.fh, &cred, c.offset, &c.data, StableHow::FileSync)
+                    .await?;
             }
         }
         Ok(())
