@@ -35,6 +35,23 @@ pub struct Inode {
     /// Generation of this file's blocks in the page cache; bumping it drops
     /// them all. Unique across inodes and lifetimes.
     pub cache_gen: u64,
+    /// Stamp of the newest reply whose attributes we took (see [`Observed`]).
+    pub attr_stamp: u64,
+}
+
+/// Where a set of attributes came from, so racing replies cannot roll a file
+/// back. ctime alone cannot order them: on a server with coarse timestamps a
+/// truncate and the write after it share one ctime, and a READDIRPLUS sent
+/// before our WRITE landed would shrink the file back to 0 (the kernel client
+/// orders replies the same way, by its attribute generation counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// The reply to a call of ours that changed the object: the state right
+    /// after our change. Calls sent before it completed may predate it.
+    Changed,
+    /// A reply to a call sent at this [`InodeTable::stamp`]; it may reflect
+    /// the state before a change of ours that completed while it was out.
+    Since(u64),
 }
 
 static NEXT_CACHE_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -66,6 +83,7 @@ pub struct InodeTable {
     root_fileid: u64,
     map: Mutex<HashMap<u64, Inode>>,
     timeouts: AttrTimeouts,
+    clock: std::sync::atomic::AtomicU64,
 }
 
 impl InodeTable {
@@ -74,6 +92,7 @@ impl InodeTable {
             root_fileid: root_attr.fileid,
             map: Mutex::new(HashMap::new()),
             timeouts,
+            clock: std::sync::atomic::AtomicU64::new(1),
         };
         let (min, _) = timeouts.bounds(root_attr.ftype);
         t.map.lock().insert(
@@ -89,9 +108,37 @@ impl InodeTable {
                 silly: None,
                 data_key: None,
                 cache_gen: next_cache_gen(),
+                attr_stamp: 0,
             },
         );
         t
+    }
+
+    /// Takes a stamp to tag a call with before sending it: replies are
+    /// ordered by when their call went out (see [`Observed`]).
+    pub fn stamp(&self) -> u64 {
+        self.clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn stamp_of(&self, seen: Observed) -> u64 {
+        match seen {
+            Observed::Changed => self.stamp(),
+            Observed::Since(t) => t,
+        }
+    }
+
+    /// Whether attributes seen as `seen` may replace the cached ones, and
+    /// the stamp to record if so. A call sent after the cached attributes'
+    /// call (or after our last change completed) reflects a later state;
+    /// otherwise only a strictly newer ctime proves it is not stale.
+    fn accept(&self, i: &Inode, attr: &Fattr, seen: Observed) -> Option<u64> {
+        match seen {
+            Observed::Changed => (attr.ctime >= i.attr.ctime).then(|| self.stamp()),
+            Observed::Since(t) => {
+                (t > i.attr_stamp || attr.ctime > i.attr.ctime).then_some(t.max(i.attr_stamp))
+            }
+        }
     }
 
     pub fn ino_of(&self, fileid: u64) -> u64 {
@@ -118,7 +165,13 @@ impl InodeTable {
 
     /// Records a (handle, attributes) pair seen in a reply and returns its
     /// inode number and generation; `lookups` is added to the kernel's count.
-    pub fn remember(&self, fh: &FileHandle, attr: &Fattr, lookups: u64) -> (u64, u64) {
+    pub fn remember(
+        &self,
+        fh: &FileHandle,
+        attr: &Fattr,
+        lookups: u64,
+        seen: Observed,
+    ) -> (u64, u64) {
         let ino = self.ino_of(attr.fileid);
         let mut map = self.map.lock();
         let (min, _) = self.timeouts.bounds(attr.ftype);
@@ -130,8 +183,10 @@ impl InodeTable {
                     i.generation += 1;
                     i.data_key = None;
                     i.cache_gen = next_cache_gen();
+                    i.attr_stamp = self.stamp_of(seen);
                     Self::refresh(i, attr, now, self.timeouts);
-                } else if attr.ctime >= i.attr.ctime {
+                } else if let Some(t) = self.accept(i, attr, seen) {
+                    i.attr_stamp = t;
                     Self::refresh(i, attr, now, self.timeouts);
                 }
                 i.nlookup += lookups;
@@ -151,6 +206,7 @@ impl InodeTable {
                         silly: None,
                         data_key: None,
                         cache_gen: next_cache_gen(),
+                        attr_stamp: self.stamp_of(seen),
                     },
                 );
                 (ino, 0)
@@ -158,22 +214,15 @@ impl InodeTable {
         }
     }
 
-    /// Updates cached attributes from a reply's post-operation attributes.
-    /// Replies can be processed out of order (a COMMIT answered before a
-    /// truncate but handled after it), so attributes older than the cached
-    /// ones, by ctime, are ignored rather than allowed to roll the file back.
-    pub fn update_attr(&self, ino: u64, attr: &Fattr) {
-        if let Some(i) = self.map.lock().get_mut(&ino)
-            && attr.ctime >= i.attr.ctime
+    /// Updates cached attributes from a reply, unless they are older than
+    /// the cached ones (replies are handled out of order: a READDIRPLUS sent
+    /// before our WRITE can be answered after it). See [`Observed`].
+    pub fn update_attr(&self, ino: u64, attr: &Fattr, seen: Observed) {
+        let mut map = self.map.lock();
+        if let Some(i) = map.get_mut(&ino)
+            && let Some(t) = self.accept(i, attr, seen)
         {
-            Self::refresh(i, attr, Instant::now(), self.timeouts);
-        }
-    }
-
-    /// Replaces cached attributes with ones just fetched by GETATTR, which
-    /// are authoritative even if the server's clock went backwards.
-    pub fn set_attr(&self, ino: u64, attr: &Fattr) {
-        if let Some(i) = self.map.lock().get_mut(&ino) {
+            i.attr_stamp = t;
             Self::refresh(i, attr, Instant::now(), self.timeouts);
         }
     }
@@ -198,6 +247,7 @@ impl InodeTable {
             i.generation += 1;
             i.cache_gen = next_cache_gen();
             i.data_key = None;
+            i.attr_stamp = self.stamp();
             i.expires = Instant::now() + i.timeout;
         }
     }
@@ -298,10 +348,10 @@ mod tests {
         let mut root = attr(2, 0);
         root.ftype = FileType::Directory;
         let t = InodeTable::new(fh(0), root, timeouts());
-        let (ino, gen0) = t.remember(&fh(1), &attr(10, 1), 1);
-        t.remember(&fh(1), &attr(10, 1), 1);
+        let (ino, gen0) = t.remember(&fh(1), &attr(10, 1), 1, Observed::Changed);
+        t.remember(&fh(1), &attr(10, 1), 1, Observed::Changed);
         assert_eq!(t.get(ino).unwrap().nlookup, 2);
-        let (_, gen1) = t.remember(&fh(9), &attr(10, 1), 0);
+        let (_, gen1) = t.remember(&fh(9), &attr(10, 1), 0, Observed::Changed);
         assert_eq!(
             gen1,
             gen0 + 1,
@@ -318,12 +368,12 @@ mod tests {
         let mut root = attr(2, 0);
         root.ftype = FileType::Directory;
         let t = InodeTable::new(fh(0), root, timeouts());
-        let (ino, _) = t.remember(&fh(1), &attr(10, 1), 1);
+        let (ino, _) = t.remember(&fh(1), &attr(10, 1), 1, Observed::Changed);
         assert_eq!(t.get(ino).unwrap().timeout, Duration::from_secs(3));
-        t.update_attr(ino, &attr(10, 1));
-        t.update_attr(ino, &attr(10, 1));
+        t.update_attr(ino, &attr(10, 1), Observed::Since(t.stamp()));
+        t.update_attr(ino, &attr(10, 1), Observed::Since(t.stamp()));
         assert_eq!(t.get(ino).unwrap().timeout, Duration::from_secs(12));
-        t.update_attr(ino, &attr(10, 2));
+        t.update_attr(ino, &attr(10, 2), Observed::Since(t.stamp()));
         assert_eq!(t.get(ino).unwrap().timeout, Duration::from_secs(3));
     }
 
@@ -340,11 +390,24 @@ mod tests {
             },
             ..attr(10, 1)
         };
-        let (ino, _) = t.remember(&fh(1), &at(100, 5), 1);
-        t.update_attr(ino, &at(200, 7));
-        t.update_attr(ino, &at(150, 6)); // a late reply from before the truncate
+        let (ino, _) = t.remember(&fh(1), &at(100, 5), 1, Observed::Changed);
+        let early = t.stamp();
+        t.update_attr(ino, &at(200, 7), Observed::Changed);
+        // A late reply from before the truncate, by ctime…
+        t.update_attr(ino, &at(150, 6), Observed::Changed);
         assert_eq!(t.get(ino).unwrap().attr.size, 200);
-        t.set_attr(ino, &at(50, 1)); // GETATTR is authoritative
+        // …or, with the same ctime, by when its call was sent.
+        t.update_attr(ino, &at(0, 7), Observed::Since(early));
+        t.remember(&fh(1), &at(0, 7), 0, Observed::Since(early));
+        assert_eq!(t.get(ino).unwrap().attr.size, 200);
+        // A call sent after our change completed is believed, even if the
+        // server's clock went backwards.
+        t.update_attr(ino, &at(50, 1), Observed::Since(t.stamp()));
         assert_eq!(t.get(ino).unwrap().attr.size, 50);
+        // Among lookups, the later call wins whatever order replies arrive in.
+        let (a, b) = (t.stamp(), t.stamp());
+        t.update_attr(ino, &at(60, 1), Observed::Since(b));
+        t.update_attr(ino, &at(40, 1), Observed::Since(a));
+        assert_eq!(t.get(ino).unwrap().attr.size, 60);
     }
 }

@@ -28,7 +28,7 @@ use crate::nfs::client::sattr_mode;
 use crate::nfs::{CookieVerf, CreatedOk, Fattr, FileHandle, FileType, NfsClient, NfsSession, Wcc};
 use crate::options::{LookupCache, MountOptions};
 use crate::rpc::{AuthSys, Credential};
-use inode::InodeTable;
+use inode::{InodeTable, Observed};
 use pagecache::PageCache;
 use readahead::ReadAhead;
 use writeback::WriteBack;
@@ -283,7 +283,7 @@ impl NfsFs {
             }
         });
         if let Some(after) = wcc.after {
-            inodes.update_attr(ino, &after);
+            inodes.update_attr(ino, &after, Observed::Changed);
         }
     }
 
@@ -337,11 +337,11 @@ impl NfsFs {
         }
     }
 
-    fn entry_for(&self, fh: &FileHandle, attr: &Fattr, lookups: u64) -> Entry {
+    fn entry_for(&self, fh: &FileHandle, attr: &Fattr, lookups: u64, seen: Observed) -> Entry {
         // Data we have accepted but not yet sent is newer than the server's
         // view: never report a size that would make the kernel drop it
         // (a READDIRPLUS racing a write would otherwise shrink the file).
-        let (ino, generation) = self.inodes.remember(fh, attr, lookups);
+        let (ino, generation) = self.inodes.remember(fh, attr, lookups, seen);
         // The table holds the newest attributes we know (by ctime); a reply
         // produced before our writes reached the server must not win.
         let attr = &self.current_attr(ino, *attr);
@@ -369,12 +369,16 @@ impl NfsFs {
         name: &[u8],
         fh: &FileHandle,
         attr: Option<Fattr>,
+        seen: Observed,
     ) -> Result<Entry, FsError> {
-        let attr = match attr {
-            Some(a) => a,
-            None => self.nfs.getattr(cred, fh).await?.attr,
+        let (attr, seen) = match attr {
+            Some(a) => (a, seen),
+            None => {
+                let t = self.inodes.stamp();
+                (self.nfs.getattr(cred, fh).await?.attr, Observed::Since(t))
+            }
         };
-        let e = self.entry_for(fh, &attr, 1);
+        let e = self.entry_for(fh, &attr, 1, seen);
         self.note_dentry(parent, name, e.ino);
         Ok(e)
     }
@@ -466,7 +470,7 @@ impl NfsFs {
 
     fn update_dir(&self, dir_ino: u64, wcc: &Wcc) {
         match wcc.after {
-            Some(a) => self.inodes.update_attr(dir_ino, &a),
+            Some(a) => self.inodes.update_attr(dir_ino, &a, Observed::Changed),
             None => self.inodes.invalidate_attr(dir_ino),
         }
     }
@@ -478,6 +482,7 @@ impl NfsFs {
         }
         let dir = self.fh(parent)?;
         let cred = self.cred(c);
+        let sent = Observed::Since(self.inodes.stamp());
         let ok = match self.nfs.lookup(&cred, &dir, name).await {
             Ok(ok) => ok,
             Err(crate::nfs::Failure::Nfs {
@@ -485,7 +490,7 @@ impl NfsFs {
                 detail,
             }) => {
                 if let Some(d) = detail.attr {
-                    self.inodes.update_attr(parent, &d);
+                    self.inodes.update_attr(parent, &d, sent);
                 }
                 self.remember_name(parent, name, None);
                 return Err(FsError::NOENT);
@@ -493,9 +498,10 @@ impl NfsFs {
             Err(e) => return Err(e.into()),
         };
         if let Some(d) = ok.dir_attr {
-            self.inodes.update_attr(parent, &d);
+            self.inodes.update_attr(parent, &d, sent);
         }
-        self.named_entry(&cred, parent, name, &ok.fh, ok.attr).await
+        self.named_entry(&cred, parent, name, &ok.fh, ok.attr, sent)
+            .await
     }
 
     // Public operations. Each retries once after revalidating the export root
@@ -667,14 +673,16 @@ impl NfsFs {
         ino: u64,
         fh: &FileHandle,
     ) -> Result<(Fattr, Duration), FsError> {
-        let attr = self.nfs.getattr(&self.cred(c), fh).await?.attr;
-        self.inodes.set_attr(ino, &attr);
-        let ttl = self
+        let sent = Observed::Since(self.inodes.stamp());
+        let fetched = self.nfs.getattr(&self.cred(c), fh).await?.attr;
+        self.inodes.update_attr(ino, &fetched, sent);
+        // Refused if a change of ours completed while the GETATTR was out:
+        // the table then holds the newer attributes.
+        Ok(self
             .inodes
             .get(ino)
-            .map(|i| i.expires.saturating_duration_since(Instant::now()))
-            .unwrap_or_default();
-        Ok((attr, ttl))
+            .map(|i| (i.attr, i.expires.saturating_duration_since(Instant::now())))
+            .unwrap_or((fetched, Duration::ZERO)))
     }
 
     async fn setattr_once(
@@ -722,7 +730,7 @@ impl NfsFs {
         }
         match ok.wcc.after {
             Some(a) => {
-                self.inodes.update_attr(ino, &a);
+                self.inodes.update_attr(ino, &a, Observed::Changed);
                 let ttl = self
                     .inodes
                     .get(ino)
@@ -753,7 +761,8 @@ impl NfsFs {
             Some(fh) => fh,
             None => self.nfs.lookup(&cred, dir, name).await?.fh,
         };
-        self.named_entry(&cred, parent, name, &fh, ok.attr).await
+        self.named_entry(&cred, parent, name, &fh, ok.attr, Observed::Changed)
+            .await
     }
 
     async fn mknod_once(
@@ -855,7 +864,7 @@ impl NfsFs {
         let cred = self.cred(c);
         let ok = self.nfs.link(&cred, &fh, &dir, newname).await?;
         self.update_dir(newparent, &ok.dir_wcc);
-        self.named_entry(&cred, newparent, newname, &fh, ok.attr)
+        self.named_entry(&cred, newparent, newname, &fh, ok.attr, Observed::Changed)
             .await
     }
 
@@ -1121,9 +1130,10 @@ impl NfsFs {
         );
         let bs = self.pages.block_size();
         async move {
+            let sent = Observed::Since(inodes.stamp());
             let r = nfs.read(&cred, &fh, idx * bs, bs as u32).await?;
             if let Some(a) = r.attr {
-                inodes.update_attr(ino, &a);
+                inodes.update_attr(ino, &a, sent);
             }
             Ok(r.data)
         }
@@ -1141,6 +1151,7 @@ impl NfsFs {
         let end = offset.saturating_add(size as u64);
         let mut calls = Vec::new();
         let mut at = offset;
+        let sent = Observed::Since(self.inodes.stamp());
         while at < end {
             let n = (end - at).min(rsize - at % rsize);
             calls.push(self.nfs.read(cred, fh, at, n as u32));
@@ -1148,7 +1159,7 @@ impl NfsFs {
         }
         let replies = try_join_all(calls).await?;
         if let Some(a) = replies.last().and_then(|r| r.attr) {
-            self.inodes.update_attr(ino, &a);
+            self.inodes.update_attr(ino, &a, sent);
         }
         if replies.len() == 1 {
             return Ok(replies
@@ -1294,12 +1305,13 @@ impl NfsFs {
         };
         let dtpref = self.session.fsinfo.dtpref.clamp(4096, 64 << 10);
         let (items, new_verf, eof) = if plus || self.cfg.rdirplus {
+            let sent = Observed::Since(self.inodes.stamp());
             let page = self
                 .nfs
                 .readdirplus(&cred, &dir, offset, verf, dtpref, dtpref * 4)
                 .await?;
             if let Some(a) = page.dir_attr {
-                self.inodes.update_attr(ino, &a);
+                self.inodes.update_attr(ino, &a, sent);
             }
             let items = page
                 .entries
@@ -1309,7 +1321,7 @@ impl NfsFs {
                         (Some(fh), Some(a))
                             if e.name.as_ref() != b"." && e.name.as_ref() != b".." =>
                         {
-                            let entry = self.entry_for(fh, a, 0);
+                            let entry = self.entry_for(fh, a, 0, sent);
                             self.note_dentry(ino, &e.name, entry.ino);
                             Some(entry)
                         }
@@ -1402,9 +1414,10 @@ impl NfsFs {
                 nfs3_types::nfs3::ACCESS3_EXECUTE
             };
         }
+        let sent = Observed::Since(self.inodes.stamp());
         let ok = self.nfs.access(&self.cred(c), &inode.fh, want).await?;
         if let Some(a) = ok.attr {
-            self.inodes.update_attr(ino, &a);
+            self.inodes.update_attr(ino, &a, sent);
         }
         if ok.access & want == want {
             Ok(())
