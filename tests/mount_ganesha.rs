@@ -407,3 +407,33 @@ fn server_outage_soft_fails_fast_and_hard_resumes() {
     held.read_to_string(&mut s).unwrap();
     assert_eq!(s, "first");
 }
+
+/// tar's order for each file: create O_EXCL, write, utimensat, fchown,
+/// fchmod, close. The buffered data must reach the server before the times
+/// are set, or its WRITE moves mtime to "now" and the restored time is lost.
+#[test]
+fn times_set_after_buffered_writes_survive_close() {
+    let Some(g) = ganesha() else { return };
+    let (m, server) = g.fuse_mount("tarlike", "");
+    let data = pattern(7, 5000);
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(978_307_200); // 2001-01-01
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(m.path("f"))
+            .unwrap();
+        f.write_all(&data).unwrap();
+        f.set_times(fs::FileTimes::new().set_modified(when))
+            .unwrap();
+        std::os::unix::fs::fchown(&f, Some(0), Some(0)).unwrap();
+        f.set_permissions(fs::Permissions::from_mode(0o644))
+            .unwrap();
+    }
+    for (what, p) in [("server", server.join("f")), ("mount", m.path("f"))] {
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(md.mtime(), 978_307_200, "{what} mtime after close");
+        assert_eq!(md.mode() & 0o7777, 0o644, "{what} mode");
+        assert_eq!(fs::read(&p).unwrap(), data, "{what} data");
+    }
+}

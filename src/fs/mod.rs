@@ -693,8 +693,13 @@ impl NfsFs {
     ) -> Result<(Fattr, Duration), FsError> {
         self.writable()?;
         let fh = self.fh(ino)?;
+        // Any SETATTR waits for our writes to land, as the kernel client's
+        // does: a WRITE the server applies after it would move mtime past a
+        // time just set (tar's restored mtimes) and could undo a truncate.
+        if self.writeback.is_dirty(ino) {
+            self.writeback.drain_durable(ino).await?;
+        }
         if let Some(size) = set.size {
-            self.writeback.drain(ino).await?;
             self.writeback.truncate(ino, size);
         }
         let time = |t: Option<TimeSet>| match t {

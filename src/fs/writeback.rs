@@ -266,6 +266,15 @@ impl WriteBack {
         self.drain_as(ino, false).await
     }
 
+    /// Like [`drain`](Self::drain), but a lone gathered chunk goes FILE_SYNC.
+    /// For a SETATTR on a file being written (tar's utimes, chown and chmod
+    /// after the last write): the data must land first or its mtime update
+    /// would undo ours, and it is usually the file's last data, so it may as
+    /// well be durable and spare the close its COMMIT.
+    pub async fn drain_durable(self: &Arc<Self>, ino: u64) -> Result<(), FsError> {
+        self.drain_as(ino, true).await
+    }
+
     /// `durable`: the caller wants the data on stable storage next. When the
     /// gathered chunk is all the file has outstanding, it goes FILE_SYNC and
     /// saves the COMMIT round trip (the kernel client's FLUSH_COND_STABLE):
