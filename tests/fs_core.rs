@@ -1,5 +1,6 @@
 //! The filesystem core driven in-process (no FUSE) against nfs3_server's
-//! memfs: lookup cache, page cache bounds, readahead and invalidation.
+//! memfs: lookup cache, page cache bounds, readahead and invalidation; and
+//! ganesha where memfs falls short.
 
 mod common;
 
@@ -128,4 +129,49 @@ async fn writes_invalidate_cached_blocks() {
     let mut want = content(3 << 20)[(1 << 20) + 8..(1 << 20) + 20].to_vec();
     want[2..9].copy_from_slice(b"NEWDATA");
     assert_eq!(&got[..], &want[..]);
+}
+
+/// In a directory we made, every name is known: the kernel's LOOKUP before
+/// each create is answered without a call, until a change by someone else
+/// shows up in our next change's wcc_data. Against ganesha: memfs leaves a
+/// directory's mtime alone when entries are added, so it cannot show this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_in_a_directory_we_made_need_no_lookup() {
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("knowndirs");
+    let fs = NfsFs::new(
+        g.mount(RpcConfig::default()).await,
+        FsConfig::from_options(&MountOptions::default()),
+    );
+    let who = Caller::root();
+    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
+    let d = fs.mkdir(&who, top, b"d", 0o755).await.unwrap().ino;
+    let before = calls(&fs);
+    for i in 0..50 {
+        let name = format!("f{i}");
+        assert_eq!(
+            fs.lookup(&who, d, name.as_bytes()).await.unwrap_err(),
+            FsError::NOENT
+        );
+        fs.create(&who, d, name.as_bytes(), 0o644, 0).await.unwrap();
+    }
+    let spent = calls(&fs) - before;
+    println!("50 lookups + creates: {spent} calls");
+    assert!(
+        spent < 60,
+        "{spent} calls: the LOOKUPs before creates went out"
+    );
+    assert!(
+        fs.lookup(&who, d, b"f3").await.is_ok(),
+        "a created name is found"
+    );
+    fs.unlink(&who, d, b"f3").await.unwrap();
+    assert_eq!(fs.lookup(&who, d, b"f3").await.unwrap_err(), FsError::NOENT);
+
+    // Someone else adds a name: our next create sees a "before" it did not
+    // expect, so lookups ask the server again and find the other's file.
+    std::fs::write(on_disk.join("d/theirs"), b"x").unwrap();
+    fs.create(&who, d, b"mine", 0o644, 0).await.unwrap();
+    assert!(fs.lookup(&who, d, b"theirs").await.is_ok());
+    std::fs::remove_dir_all(on_disk).unwrap();
 }

@@ -3,6 +3,7 @@
 
 pub mod errno;
 pub mod inode;
+pub mod known_dirs;
 pub mod pagecache;
 pub mod readahead;
 pub mod writeback;
@@ -29,6 +30,7 @@ use crate::nfs::{CookieVerf, CreatedOk, Fattr, FileHandle, FileType, NfsClient, 
 use crate::options::{LookupCache, MountOptions};
 use crate::rpc::{AuthSys, Credential};
 use inode::{InodeTable, Observed};
+use known_dirs::{DirChange, KnownDirs};
 use pagecache::PageCache;
 use readahead::ReadAhead;
 use writeback::WriteBack;
@@ -182,6 +184,8 @@ pub struct NfsFs {
     /// Recently seen (parent, name) → inode, so unlink and rename can expire
     /// the attributes (nlink, ctime) of the object they changed.
     dentries: Mutex<lru::LruCache<(u64, Bytes), Dentry>>,
+    /// Directories we made whose every entry we know (see [`KnownDirs`]).
+    known_dirs: Mutex<KnownDirs>,
     pages: Arc<PageCache>,
     readahead: Mutex<HashMap<u64, ReadAhead>>,
     /// One root revalidation at a time.
@@ -249,6 +253,7 @@ impl NfsFs {
             silly_counter: AtomicU64::new(0),
             groups: Mutex::new(lru::LruCache::new(NonZeroUsize::new(256).unwrap())),
             dentries: Mutex::new(lru::LruCache::new(NonZeroUsize::new(65536).unwrap())),
+            known_dirs: Mutex::new(KnownDirs::new()),
             pages: PageCache::new(rsize, cache_size),
             readahead: Mutex::new(HashMap::new()),
             root_lock: tokio::sync::Mutex::new(()),
@@ -421,6 +426,16 @@ impl NfsFs {
         if Instant::now() >= dir.expires {
             return None;
         }
+        if self.cfg.lookupcache == LookupCache::All
+            && self.known_dirs.lock().absent(
+                parent,
+                dir.attr.change_key(),
+                name,
+                self.negative_ttl(),
+            )
+        {
+            return Some(Err(FsError::NOENT));
+        }
         let d = *self
             .dentries
             .lock()
@@ -468,7 +483,18 @@ impl NfsFs {
         }
     }
 
-    fn update_dir(&self, dir_ino: u64, wcc: &Wcc) {
+    /// A change that failed (EEXIST: someone else made the name; a timeout:
+    /// it may have happened) leaves us unsure what the directories hold.
+    fn unsure_of(&self, dirs: &[u64]) {
+        let mut known = self.known_dirs.lock();
+        for d in dirs {
+            known.forget(*d);
+        }
+    }
+
+    /// Records our own change to a directory's entries, reported with `wcc`.
+    fn update_dir(&self, dir_ino: u64, wcc: &Wcc, changes: &[DirChange]) {
+        self.known_dirs.lock().changed(dir_ino, wcc, changes);
         match wcc.after {
             Some(a) => self.inodes.update_attr(dir_ino, &a, Observed::Changed),
             None => self.inodes.invalidate_attr(dir_ino),
@@ -537,6 +563,7 @@ impl NfsFs {
     ) -> Result<Entry, FsError> {
         self.root_retry(parent, || self.mknod_once(c, parent, name, mode, rdev))
             .await
+            .inspect_err(|_| self.unsure_of(&[parent]))
     }
 
     pub async fn mkdir(
@@ -548,6 +575,7 @@ impl NfsFs {
     ) -> Result<Entry, FsError> {
         self.root_retry(parent, || self.mkdir_once(c, parent, name, mode))
             .await
+            .inspect_err(|_| self.unsure_of(&[parent]))
     }
 
     pub async fn symlink(
@@ -559,16 +587,19 @@ impl NfsFs {
     ) -> Result<Entry, FsError> {
         self.root_retry(parent, || self.symlink_once(c, parent, name, target))
             .await
+            .inspect_err(|_| self.unsure_of(&[parent]))
     }
 
     pub async fn unlink(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
         self.root_retry(parent, || self.unlink_once(c, parent, name))
             .await
+            .inspect_err(|_| self.unsure_of(&[parent]))
     }
 
     pub async fn rmdir(&self, c: &Caller, parent: u64, name: &[u8]) -> Result<(), FsError> {
         self.root_retry(parent, || self.rmdir_once(c, parent, name))
             .await
+            .inspect_err(|_| self.unsure_of(&[parent]))
     }
 
     pub async fn create(
@@ -581,6 +612,7 @@ impl NfsFs {
     ) -> Result<(Entry, Opened), FsError> {
         self.root_retry(parent, || self.create_once(c, parent, name, mode, flags))
             .await
+            .inspect_err(|_| self.unsure_of(&[parent]))
     }
 
     pub async fn readdir(
@@ -760,7 +792,7 @@ impl NfsFs {
         name: &[u8],
         ok: CreatedOk,
     ) -> Result<Entry, FsError> {
-        self.update_dir(parent, &ok.dir_wcc);
+        self.update_dir(parent, &ok.dir_wcc, &[DirChange::Added(name)]);
         let cred = self.cred(c);
         let fh = match ok.fh {
             Some(fh) => fh,
@@ -835,7 +867,13 @@ impl NfsFs {
             .nfs
             .mkdir(&self.cred(c), &dir, name, sattr_mode(mode & 0o7777))
             .await?;
-        self.created(c, parent, &dir, name, ok).await
+        // Only the MKDIR reply's own attributes prove the directory empty.
+        let made = ok.attr.map(|a| a.change_key());
+        let entry = self.created(c, parent, &dir, name, ok).await?;
+        if let Some(key) = made {
+            self.known_dirs.lock().made_empty(entry.ino, key);
+        }
+        Ok(entry)
     }
 
     async fn symlink_once(
@@ -867,8 +905,12 @@ impl NfsFs {
         let fh = self.fh(ino)?;
         let dir = self.fh(newparent)?;
         let cred = self.cred(c);
-        let ok = self.nfs.link(&cred, &fh, &dir, newname).await?;
-        self.update_dir(newparent, &ok.dir_wcc);
+        let ok = self
+            .nfs
+            .link(&cred, &fh, &dir, newname)
+            .await
+            .inspect_err(|_| self.unsure_of(&[newparent]))?;
+        self.update_dir(newparent, &ok.dir_wcc, &[DirChange::Added(newname)]);
         self.named_entry(&cred, newparent, newname, &fh, ok.attr, Observed::Changed)
             .await
     }
@@ -903,8 +945,16 @@ impl NfsFs {
         }
         let n = self.silly_counter.fetch_add(1, Ordering::Relaxed);
         let silly = Bytes::from(format!(".nfs{:016x}{:08x}", attr.fileid, n));
-        let ok = self.nfs.rename(&cred, dir, name, dir, &silly).await?;
-        self.update_dir(parent, &ok.to_wcc);
+        let ok = self
+            .nfs
+            .rename(&cred, dir, name, dir, &silly)
+            .await
+            .inspect_err(|_| self.unsure_of(&[parent]))?;
+        self.update_dir(
+            parent,
+            &ok.to_wcc,
+            &[DirChange::Removed(name), DirChange::Added(&silly)],
+        );
         self.inodes.with(ino, |i| i.silly = Some((parent, silly)));
         self.expire_dentry(parent, name);
         self.inodes.invalidate_attr(ino);
@@ -919,7 +969,7 @@ impl NfsFs {
             return Ok(());
         }
         let ok = self.nfs.remove(&self.cred(c), &dir, name).await?;
-        self.update_dir(parent, &ok.dir_wcc);
+        self.update_dir(parent, &ok.dir_wcc, &[DirChange::Removed(name)]);
         self.expire_dentry(parent, name);
         Ok(())
     }
@@ -929,7 +979,7 @@ impl NfsFs {
         check_name(name)?;
         let dir = self.fh(parent)?;
         let ok = self.nfs.rmdir(&self.cred(c), &dir, name).await?;
-        self.update_dir(parent, &ok.dir_wcc);
+        self.update_dir(parent, &ok.dir_wcc, &[DirChange::Removed(name)]);
         self.expire_dentry(parent, name);
         Ok(())
     }
@@ -958,9 +1008,19 @@ impl NfsFs {
         let ok = self
             .nfs
             .rename(&self.cred(c), &from, name, &to, newname)
-            .await?;
-        self.update_dir(parent, &ok.from_wcc);
-        self.update_dir(newparent, &ok.to_wcc);
+            .await
+            .inspect_err(|_| self.unsure_of(&[parent, newparent]))?;
+        if parent == newparent {
+            // One change, reported twice: apply it once.
+            self.update_dir(
+                parent,
+                &ok.to_wcc,
+                &[DirChange::Removed(name), DirChange::Added(newname)],
+            );
+        } else {
+            self.update_dir(parent, &ok.from_wcc, &[DirChange::Removed(name)]);
+            self.update_dir(newparent, &ok.to_wcc, &[DirChange::Added(newname)]);
+        }
         self.expire_dentry(parent, name);
         self.expire_dentry(newparent, newname);
         Ok(())
