@@ -173,5 +173,13 @@ async fn creates_in_a_directory_we_made_need_no_lookup() {
     std::fs::write(on_disk.join("d/theirs"), b"x").unwrap();
     fs.create(&who, d, b"mine", 0o644, 0).await.unwrap();
     assert!(fs.lookup(&who, d, b"theirs").await.is_ok());
+
+    // Without a change of ours to expose it, the knowledge lapses once our
+    // changes pause for the negative-entry TTL.
+    let d2 = fs.mkdir(&who, top, b"d2", 0o755).await.unwrap().ino;
+    fs.create(&who, d2, b"mine", 0o644, 0).await.unwrap();
+    std::fs::write(on_disk.join("d2/theirs"), b"x").unwrap();
+    tokio::time::sleep(fs.negative_ttl() + std::time::Duration::from_millis(100)).await;
+    assert!(fs.lookup(&who, d2, b"theirs").await.is_ok());
     std::fs::remove_dir_all(on_disk).unwrap();
 }

@@ -12,10 +12,14 @@
 //! A server whose timestamps are too coarse to move on every change (two
 //! creates in one tick) gives no such proof, and gets no such trust.
 //!
-//! Knowledge is trusted as briefly as a negative lookup entry (the caller
-//! passes the TTL): another client's create is invisible until our next
-//! change in the directory reports a "before" that does not match, or until
-//! the directory's attributes are fetched again.
+//! What a wcc chain cannot see is another client's change in the very tick
+//! of one of ours, on a server whose clock ticks coarsely. So trust is kept
+//! short: it lapses (and is dropped, never revived) when our changes pause
+//! for longer than a negative lookup entry lives, and ends [`MAX_TRUST`]
+//! after the MKDIR however busy we are; a READDIR showing a name we did not
+//! know ends it at once. Servers whose names are not compared byte for byte
+//! (case-insensitive, truncating) never get it (the caller checks PATHCONF),
+//! and names that filers conjure in every directory are never "absent".
 
 use std::collections::HashSet;
 use std::num::NonZeroUsize;
@@ -30,6 +34,11 @@ use crate::nfs::{Wcc, WccAttr};
 const MAX_NAMES_PER_DIR: usize = 65_536;
 /// Names kept over all directories.
 const MAX_NAMES: usize = 262_144;
+/// Longest a directory's listing is trusted after we made it.
+pub const MAX_TRUST: Duration = Duration::from_secs(30);
+/// Snapshot directories some servers answer LOOKUP for in every directory
+/// without listing them (NetApp, Isilon, ZFS).
+const CONJURED: [&[u8]; 4] = [b".snapshot", b".isi-snapshot", b".zfs", b"~snapshot"];
 
 /// One change of ours to a directory's entries.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +54,13 @@ struct Listing {
     names: HashSet<Bytes>,
     /// When the server last confirmed it (our own change's wcc_data).
     confirmed: Instant,
+    made: Instant,
+}
+
+impl Listing {
+    fn trusted(&self, ttl: Duration) -> bool {
+        self.confirmed.elapsed() < ttl && self.made.elapsed() < MAX_TRUST
+    }
 }
 
 pub struct KnownDirs {
@@ -70,23 +86,29 @@ impl KnownDirs {
     /// itself (attributes fetched later could include someone else's create).
     pub fn made_empty(&mut self, dir: u64, key: WccAttr) {
         self.forget(dir);
-        self.dirs.put(
-            dir,
-            Listing {
-                key,
-                names: HashSet::new(),
-                confirmed: Instant::now(),
-            },
-        );
+        let now = Instant::now();
+        let listing = Listing {
+            key,
+            names: HashSet::new(),
+            confirmed: now,
+            made: now,
+        };
+        if let Some((_, evicted)) = self.dirs.push(dir, listing) {
+            self.names = self.names.saturating_sub(evicted.names.len());
+        }
     }
 
     /// Applies our own `changes` to `dir`, reported with `wcc`. A "before"
     /// other than the state we knew means someone else changed the
     /// directory too, or replies crossed: the directory is forgotten.
-    pub fn changed(&mut self, dir: u64, wcc: &Wcc, changes: &[DirChange]) {
+    pub fn changed(&mut self, dir: u64, wcc: &Wcc, changes: &[DirChange], ttl: Duration) {
         let Some(l) = self.dirs.get_mut(&dir) else {
             return;
         };
+        if !l.trusted(ttl) {
+            self.forget(dir);
+            return;
+        }
         let (Some(before), Some(after)) = (wcc.before, wcc.after) else {
             self.forget(dir);
             return;
@@ -122,12 +144,31 @@ impl KnownDirs {
     /// Whether `name` is known to be absent from `dir`, whose cached
     /// attributes are `current` (fresh, per the caller).
     pub fn absent(&mut self, dir: u64, current: WccAttr, name: &[u8], ttl: Duration) -> bool {
-        if name == b"." || name == b".." {
+        if name == b"." || name == b".." || CONJURED.contains(&name) {
             return false;
         }
         match self.dirs.get(&dir) {
-            Some(l) if l.key == current && l.confirmed.elapsed() < ttl => !l.names.contains(name),
-            _ => false,
+            Some(l) if !l.trusted(ttl) => {
+                self.forget(dir);
+                false
+            }
+            Some(l) => l.key == current && !l.names.contains(name),
+            None => false,
+        }
+    }
+
+    /// A READDIR of `dir` returned `name`: if we did not know it, our list
+    /// was wrong and is dropped.
+    pub fn listed(&mut self, dir: u64, name: &[u8]) {
+        if name == b"." || name == b".." {
+            return;
+        }
+        if self
+            .dirs
+            .peek(&dir)
+            .is_some_and(|l| !l.names.contains(name))
+        {
+            self.forget(dir);
         }
     }
 
@@ -196,13 +237,39 @@ mod tests {
         let mut k = KnownDirs::new();
         k.made_empty(5, key(1));
         assert!(k.absent(5, key(1), b"a", TTL));
-        k.changed(5, &wcc(1, 2), &[DirChange::Added(b"a")]);
+        k.changed(5, &wcc(1, 2), &[DirChange::Added(b"a")], TTL);
         assert!(!k.absent(5, key(2), b"a", TTL), "a was created");
         assert!(k.absent(5, key(2), b"b", TTL));
-        k.changed(5, &wcc(2, 3), &[DirChange::Removed(b"a")]);
+        k.changed(5, &wcc(2, 3), &[DirChange::Removed(b"a")], TTL);
         assert!(k.absent(5, key(3), b"a", TTL), "a was removed");
         assert_eq!(k.len(), 0);
         assert!(!k.absent(5, key(3), b"..", TTL));
+        assert!(!k.absent(5, key(3), b".snapshot", TTL));
+        k.listed(5, b"b");
+        assert!(
+            !k.absent(5, key(3), b"c", TTL),
+            "READDIR showed a name we did not know"
+        );
+    }
+
+    #[test]
+    fn lapsed_trust_is_not_revived() {
+        let mut k = KnownDirs::new();
+        k.made_empty(5, key(1));
+        assert!(!k.absent(5, key(1), b"a", Duration::ZERO));
+        // Our next change chains on, but the listing is gone for good.
+        k.changed(5, &wcc(1, 2), &[DirChange::Added(b"b")], TTL);
+        assert!(!k.absent(5, key(2), b"a", TTL));
+    }
+
+    #[test]
+    fn evicted_directories_give_back_their_names() {
+        let mut k = KnownDirs::new();
+        for d in 0..5000u64 {
+            k.made_empty(d, key(1));
+            k.changed(d, &wcc(1, 2), &[DirChange::Added(b"x")], TTL);
+        }
+        assert_eq!(k.len(), 4096, "one name per directory still held");
     }
 
     #[test]
@@ -211,7 +278,7 @@ mod tests {
         k.made_empty(5, key(1));
         assert!(!k.absent(5, key(9), b"a", TTL), "directory changed since");
         // Our create reports a "before" we did not know: another client was here.
-        k.changed(5, &wcc(7, 8), &[DirChange::Added(b"a")]);
+        k.changed(5, &wcc(7, 8), &[DirChange::Added(b"a")], TTL);
         assert!(!k.absent(5, key(8), b"b", TTL));
         k.made_empty(6, key(1));
         k.changed(
@@ -221,6 +288,7 @@ mod tests {
                 after: None,
             },
             &[],
+            TTL,
         );
         assert!(!k.absent(6, key(1), b"b", TTL), "no wcc: cannot tell");
         k.made_empty(7, key(1));
@@ -228,7 +296,7 @@ mod tests {
             !k.absent(7, key(1), b"b", Duration::ZERO),
             "trusted only for the TTL"
         );
-        k.changed(7, &wcc(1, 1), &[DirChange::Added(b"a")]);
+        k.changed(7, &wcc(1, 1), &[DirChange::Added(b"a")], TTL);
         assert!(
             !k.absent(7, key(1), b"b", TTL),
             "mtime did not move: too coarse"
@@ -244,6 +312,7 @@ mod tests {
                 1,
                 &wcc(i, i + 1),
                 &[DirChange::Added(format!("f{i}").as_bytes())],
+                TTL,
             );
         }
         assert_eq!(k.len(), 0, "an over-large directory is forgotten");

@@ -186,6 +186,8 @@ pub struct NfsFs {
     dentries: Mutex<lru::LruCache<(u64, Bytes), Dentry>>,
     /// Directories we made whose every entry we know (see [`KnownDirs`]).
     known_dirs: Mutex<KnownDirs>,
+    /// PATHCONF's verdict: names compared byte for byte (see `KnownDirs`).
+    exact_names: tokio::sync::OnceCell<bool>,
     pages: Arc<PageCache>,
     readahead: Mutex<HashMap<u64, ReadAhead>>,
     /// One root revalidation at a time.
@@ -254,6 +256,7 @@ impl NfsFs {
             groups: Mutex::new(lru::LruCache::new(NonZeroUsize::new(256).unwrap())),
             dentries: Mutex::new(lru::LruCache::new(NonZeroUsize::new(65536).unwrap())),
             known_dirs: Mutex::new(KnownDirs::new()),
+            exact_names: tokio::sync::OnceCell::new(),
             pages: PageCache::new(rsize, cache_size),
             readahead: Mutex::new(HashMap::new()),
             root_lock: tokio::sync::Mutex::new(()),
@@ -483,6 +486,23 @@ impl NfsFs {
         }
     }
 
+    /// Whether the server compares names byte for byte (PATHCONF: not case
+    /// insensitive, no truncation), so the names we made are exactly those
+    /// a LOOKUP would find. Asked once; a failed PATHCONF is asked again.
+    async fn names_compare_exactly(&self, c: &Caller) -> bool {
+        let asked = self
+            .exact_names
+            .get_or_try_init(|| async {
+                let p = self
+                    .nfs
+                    .pathconf(&self.cred(c), &self.fh(ROOT_INO)?)
+                    .await?;
+                Ok::<_, FsError>(p.no_trunc && p.case_preserving && !p.case_insensitive)
+            })
+            .await;
+        asked.is_ok_and(|exact| *exact)
+    }
+
     /// A change that failed (EEXIST: someone else made the name; a timeout:
     /// it may have happened) leaves us unsure what the directories hold.
     fn unsure_of(&self, dirs: &[u64]) {
@@ -494,7 +514,9 @@ impl NfsFs {
 
     /// Records our own change to a directory's entries, reported with `wcc`.
     fn update_dir(&self, dir_ino: u64, wcc: &Wcc, changes: &[DirChange]) {
-        self.known_dirs.lock().changed(dir_ino, wcc, changes);
+        self.known_dirs
+            .lock()
+            .changed(dir_ino, wcc, changes, self.negative_ttl());
         match wcc.after {
             Some(a) => self.inodes.update_attr(dir_ino, &a, Observed::Changed),
             None => self.inodes.invalidate_attr(dir_ino),
@@ -729,7 +751,12 @@ impl NfsFs {
         // does: a WRITE the server applies after it would move mtime past a
         // time just set (tar's restored mtimes) and could undo a truncate.
         if self.writeback.is_dirty(ino) {
-            self.writeback.drain_durable(ino).await?;
+            if set.size.is_some() {
+                // Data about to be cut off need not be made durable first.
+                self.writeback.drain(ino).await?;
+            } else {
+                self.writeback.drain_durable(ino).await?;
+            }
         }
         if let Some(size) = set.size {
             self.writeback.truncate(ino, size);
@@ -870,7 +897,9 @@ impl NfsFs {
         // Only the MKDIR reply's own attributes prove the directory empty.
         let made = ok.attr.map(|a| a.change_key());
         let entry = self.created(c, parent, &dir, name, ok).await?;
-        if let Some(key) = made {
+        if let Some(key) = made
+            && self.names_compare_exactly(c).await
+        {
             self.known_dirs.lock().made_empty(entry.ino, key);
         }
         Ok(entry)
@@ -980,6 +1009,14 @@ impl NfsFs {
         let dir = self.fh(parent)?;
         let ok = self.nfs.rmdir(&self.cred(c), &dir, name).await?;
         self.update_dir(parent, &ok.dir_wcc, &[DirChange::Removed(name)]);
+        // Its inode number may soon name another directory.
+        let key = (parent, Bytes::copy_from_slice(name));
+        if let Some(Dentry {
+            ino: Some(gone), ..
+        }) = self.dentries.lock().peek(&key).copied()
+        {
+            self.known_dirs.lock().forget(gone);
+        }
         self.expire_dentry(parent, name);
         Ok(())
     }
@@ -1294,9 +1331,14 @@ impl NfsFs {
             .flatten();
         if let Some((parent, name)) = silly
             && let Ok(dir) = self.fh(parent)
-            && let Err(e) = self.nfs.remove(&self.cred(c), &dir, &name).await
         {
-            tracing::warn!(ino, name = ?name, error = %e, "could not remove silly-renamed file");
+            match self.nfs.remove(&self.cred(c), &dir, &name).await {
+                Ok(ok) => self.update_dir(parent, &ok.dir_wcc, &[DirChange::Removed(&name)]),
+                Err(e) => {
+                    self.unsure_of(&[parent]);
+                    tracing::warn!(ino, name = ?name, error = %e, "could not remove silly-renamed file");
+                }
+            }
         }
         self.writeback.release(ino);
         self.inodes.forget(ino, 0);
@@ -1382,6 +1424,7 @@ impl NfsFs {
                 .entries
                 .into_iter()
                 .map(|e| {
+                    self.known_dirs.lock().listed(ino, &e.name);
                     let entry = match (&e.fh, &e.attr) {
                         (Some(fh), Some(a))
                             if e.name.as_ref() != b"." && e.name.as_ref() != b".." =>
@@ -1407,12 +1450,15 @@ impl NfsFs {
             let items = page
                 .entries
                 .into_iter()
-                .map(|e| DirItem {
-                    ino: self.inodes.ino_of(e.fileid),
-                    name: e.name,
-                    kind: FileType::Regular,
-                    offset: e.cookie,
-                    entry: None,
+                .map(|e| {
+                    self.known_dirs.lock().listed(ino, &e.name);
+                    DirItem {
+                        ino: self.inodes.ino_of(e.fileid),
+                        name: e.name,
+                        kind: FileType::Regular,
+                        offset: e.cookie,
+                        entry: None,
+                    }
                 })
                 .collect();
             (items, page.cookieverf, page.eof)
