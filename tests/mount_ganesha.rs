@@ -415,25 +415,32 @@ fn server_outage_soft_fails_fast_and_hard_resumes() {
 fn times_set_after_buffered_writes_survive_close() {
     let Some(g) = ganesha() else { return };
     let (m, server) = g.fuse_mount("tarlike", "");
-    let data = pattern(7, 5000);
     let when = std::time::UNIX_EPOCH + Duration::from_secs(978_307_200); // 2001-01-01
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(m.path("f"))
-            .unwrap();
-        f.write_all(&data).unwrap();
-        f.set_times(fs::FileTimes::new().set_modified(when))
-            .unwrap();
-        std::os::unix::fs::fchown(&f, Some(0), Some(0)).unwrap();
-        f.set_permissions(fs::Permissions::from_mode(0o644))
-            .unwrap();
-    }
-    for (what, p) in [("server", server.join("f")), ("mount", m.path("f"))] {
-        let md = fs::metadata(&p).unwrap();
-        assert_eq!(md.mtime(), 978_307_200, "{what} mtime after close");
-        assert_eq!(md.mode() & 0o7777, 0o644, "{what} mode");
-        assert_eq!(fs::read(&p).unwrap(), data, "{what} data");
+    // One gathered chunk, and several chunks sent UNSTABLE before the times.
+    for (name, len) in [("small", 5000), ("big", (3 << 20) + 17)] {
+        let data = pattern(len as u64, len);
+        {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(m.path(name))
+                .unwrap();
+            f.write_all(&data).unwrap();
+            f.set_times(fs::FileTimes::new().set_modified(when))
+                .unwrap();
+            std::os::unix::fs::fchown(&f, Some(0), Some(0)).unwrap();
+            f.set_permissions(fs::Permissions::from_mode(0o644))
+                .unwrap();
+        }
+        for (what, p) in [("server", server.join(name)), ("mount", m.path(name))] {
+            let md = fs::metadata(&p).unwrap();
+            assert_eq!(
+                md.mtime(),
+                978_307_200,
+                "{what} mtime of {name} after close"
+            );
+            assert_eq!(md.mode() & 0o7777, 0o644, "{what} mode of {name}");
+            assert_eq!(fs::read(&p).unwrap(), data, "{what} data of {name}");
+        }
     }
 }

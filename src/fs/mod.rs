@@ -747,16 +747,10 @@ impl NfsFs {
     ) -> Result<(Fattr, Duration), FsError> {
         self.writable()?;
         let fh = self.fh(ino)?;
-        // Any SETATTR waits for our writes to land, as the kernel client's
-        // does: a WRITE the server applies after it would move mtime past a
-        // time just set (tar's restored mtimes) and could undo a truncate.
-        if self.writeback.is_dirty(ino) {
-            if set.size.is_some() {
-                // Data about to be cut off need not be made durable first.
-                self.writeback.drain(ino).await?;
-            } else {
-                self.writeback.drain_durable(ino).await?;
-            }
+        // A WRITE the server applies after the SETATTR would move mtime past
+        // a time just set (tar's restored mtimes) or regrow a truncated file.
+        if self.writeback.has_pending(ino) {
+            self.writeback.settle(ino, set.size.is_some()).await?;
         }
         if let Some(size) = set.size {
             self.writeback.truncate(ino, size);

@@ -266,13 +266,28 @@ impl WriteBack {
         self.drain_as(ino, false).await
     }
 
-    /// Like [`drain`](Self::drain), but a lone gathered chunk goes FILE_SYNC.
-    /// For a SETATTR on a file being written (tar's utimes, chown and chmod
-    /// after the last write): the data must land first or its mtime update
-    /// would undo ours, and it is usually the file's last data, so it may as
-    /// well be durable and spare the close its COMMIT.
-    pub async fn drain_durable(self: &Arc<Self>, ino: u64) -> Result<(), FsError> {
-        self.drain_as(ino, true).await
+    /// Whether `ino` has anything not yet durable on the server: gathered,
+    /// in flight, or written but not committed.
+    pub fn has_pending(&self, ino: u64) -> bool {
+        self.files.lock().get(&ino).is_some_and(|f| {
+            let s = f.state.lock();
+            s.gather.is_some() || s.inflight > 0 || !s.uncommitted.is_empty()
+        })
+    }
+
+    /// Before a SETATTR, as the kernel client does: sends and commits
+    /// everything, so no WRITE (nor a resend after a verifier change) lands
+    /// after it to move a just-set mtime or regrow a truncated file. Unless
+    /// `truncating`, a lone gathered chunk goes FILE_SYNC: tar's utimes,
+    /// chown and chmod follow the file's last write, so that data may as
+    /// well be durable and spare the close a COMMIT. Sticky write errors
+    /// stay for the close to report.
+    pub async fn settle(self: &Arc<Self>, ino: u64, truncating: bool) -> Result<(), FsError> {
+        self.drain_as(ino, !truncating).await?;
+        let Some(file) = self.files.lock().get(&ino).cloned() else {
+            return Ok(());
+        };
+        self.commit_file(ino, &file).await
     }
 
     /// `durable`: the caller wants the data on stable storage next. When the
