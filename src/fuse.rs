@@ -42,6 +42,19 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// A read-only descriptor's close needs no FLUSH round trip (FOPEN_NOFLUSH;
+/// kernels before 5.17 ignore it and send one, which we answer at once).
+fn open_flags(o: &crate::fs::Opened) -> FopenFlags {
+    let mut f = FopenFlags::empty();
+    if o.keep_cache {
+        f |= FopenFlags::FOPEN_KEEP_CACHE;
+    }
+    if o.read_only {
+        f |= FopenFlags::FOPEN_NOFLUSH;
+    }
+    f
+}
+
 fn errno(e: FsError) -> Errno {
     Errno::from_i32(e.0)
 }
@@ -307,14 +320,7 @@ impl Filesystem for FuseAdapter {
         let (fs, c) = (self.fs.clone(), caller(req));
         self.rt.spawn(async move {
             match fs.open(&c, ino.0, flags.0).await {
-                Ok(o) => {
-                    let f = if o.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(o.fh), f);
-                }
+                Ok(o) => reply.opened(FileHandle(o.fh), open_flags(&o)),
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -365,13 +371,13 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
         self.rt
-            .spawn(async move { reply_empty(reply, fs.flush(ino.0).await) });
+            .spawn(async move { reply_empty(reply, fs.flush(ino.0, fh.0).await) });
     }
 
     fn release(
@@ -590,7 +596,7 @@ impl Filesystem for FuseAdapter {
                     &file_attr(e.ino, &e.attr),
                     Generation(e.generation),
                     FileHandle(o.fh),
-                    FopenFlags::empty(),
+                    open_flags(&o),
                 ),
                 Err(e) => reply.error(errno(e)),
             }

@@ -124,7 +124,7 @@ async fn writes_invalidate_cached_blocks() {
     fs.write(&who, e.ino, (1 << 20) + 10, b"NEWDATA".to_vec())
         .await
         .unwrap();
-    fs.flush(e.ino).await.unwrap();
+    fs.flush(e.ino, h).await.unwrap();
     let got = fs.read(&who, e.ino, h, (1 << 20) + 8, 12).await.unwrap();
     let mut want = content(3 << 20)[(1 << 20) + 8..(1 << 20) + 20].to_vec();
     want[2..9].copy_from_slice(b"NEWDATA");
@@ -182,4 +182,39 @@ async fn creates_in_a_directory_we_made_need_no_lookup() {
     tokio::time::sleep(fs.negative_ttl() + std::time::Duration::from_millis(100)).await;
     assert!(fs.lookup(&who, d2, b"theirs").await.is_ok());
     std::fs::remove_dir_all(on_disk).unwrap();
+}
+
+/// Closing a read-only descriptor neither waits for nor sends another
+/// descriptor's buffered data (and so cannot take the write error that
+/// descriptor's close is owed); the writer's own close sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_close_leaves_a_writers_data_to_the_writer() {
+    let mut files = MemFsConfig::default();
+    files.add_file("/f", content(100));
+    let port = start_memfs(files).await;
+    let mut cfg = FsConfig::from_options(&MountOptions::default());
+    // No background send of the gathered data while the test looks.
+    cfg.gather_age = std::time::Duration::from_secs(600);
+    let fs = NfsFs::new(mount_memfs(port, RpcConfig::default()).await, cfg);
+    let who = Caller::root();
+    let e = fs.lookup(&who, ROOT_INO, b"f").await.unwrap();
+    let w = fs.open(&who, e.ino, libc::O_WRONLY).await.unwrap();
+    assert!(!w.read_only);
+    fs.write(&who, e.ino, 0, b"fresh".to_vec()).await.unwrap();
+    let r = fs.open(&who, e.ino, libc::O_RDONLY).await.unwrap();
+    assert!(
+        r.read_only,
+        "the kernel is told a read-only close needs no FLUSH"
+    );
+    let before = calls(&fs);
+    fs.flush(e.ino, r.fh).await.unwrap();
+    fs.release(&who, e.ino, r.fh).await.unwrap();
+    assert_eq!(calls(&fs), before, "the read-only close sent nothing");
+    assert!(
+        fs.writeback().is_dirty(e.ino),
+        "the data still waits for its writer"
+    );
+    fs.flush(e.ino, w.fh).await.unwrap();
+    assert!(calls(&fs) > before, "the writer's close sent it");
+    assert!(!fs.writeback().is_dirty(e.ino));
 }

@@ -110,8 +110,14 @@ async fn writeback_resends_uncommitted_data_when_the_verifier_changes() {
     let s = g.mount(rpc).await;
     let fs = NfsFs::new(s, FsConfig::from_options(&MountOptions::default()));
     let who = Caller::root();
-    let (entry, _opened) = fs
-        .create(&who, csi_nfs_fuse::fs::ROOT_INO, b"data", 0o644, 0)
+    let (entry, opened) = fs
+        .create(
+            &who,
+            csi_nfs_fuse::fs::ROOT_INO,
+            b"data",
+            0o644,
+            libc::O_WRONLY,
+        )
         .await
         .unwrap();
     let data: Vec<u8> = (0..(8u64 << 20)).map(|i| (i % 253) as u8).collect();
@@ -126,7 +132,9 @@ async fn writeback_resends_uncommitted_data_when_the_verifier_changes() {
     // Ganesha's write verifier is its boot time in seconds.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     g.restart();
-    fs.flush(entry.ino).await.expect("flush after restart");
+    fs.flush(entry.ino, opened.fh)
+        .await
+        .expect("flush after restart");
     assert!(
         fs.writeback().resent_chunks() > 0,
         "a changed verifier must trigger a resend"

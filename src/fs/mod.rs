@@ -67,6 +67,8 @@ pub struct FsConfig {
     pub dirty_limit: usize,
     pub cache_size: u64,
     pub machine_name: Arc<str>,
+    /// How long a partial chunk may wait for more data before it is sent.
+    pub gather_age: Duration,
 }
 
 impl FsConfig {
@@ -91,6 +93,7 @@ impl FsConfig {
             dirty_limit: (o.cache_size / 4).clamp(8 << 20, 256 << 20) as usize,
             cache_size: o.cache_size,
             machine_name: host.into(),
+            gather_age: writeback::GATHER_AGE,
         }
     }
 }
@@ -110,6 +113,19 @@ pub struct Opened {
     pub fh: u64,
     /// The cached data is still valid: the kernel may keep its page cache.
     pub keep_cache: bool,
+    /// Opened for reading only: its close has nothing to flush.
+    pub read_only: bool,
+}
+
+/// An open file handle: which inode, and whether it may write.
+#[derive(Debug, Clone, Copy)]
+struct OpenFile {
+    ino: u64,
+    writable: bool,
+}
+
+fn writable_flags(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -175,7 +191,7 @@ pub struct NfsFs {
     cfg: FsConfig,
     inodes: Arc<InodeTable>,
     writeback: Arc<WriteBack>,
-    files: Mutex<HashMap<u64, u64>>,
+    files: Mutex<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, DirStream>>,
     next_handle: AtomicU64,
     open_files: AtomicUsize,
@@ -239,7 +255,13 @@ impl NfsFs {
         let sink: writeback::WccSink = Arc::new(move |ino: u64, wcc: &Wcc| {
             Self::track_wcc(&sink_inodes, ino, wcc);
         });
-        let writeback = WriteBack::new(session.nfs.clone(), session.wsize, cfg.dirty_limit, sink);
+        let writeback = WriteBack::new(
+            session.nfs.clone(),
+            session.wsize,
+            cfg.dirty_limit,
+            cfg.gather_age,
+            sink,
+        );
         let rsize = session.rsize;
         let cache_size = cfg.cache_size;
         Arc::new(Self {
@@ -1057,17 +1079,25 @@ impl NfsFs {
         Ok(())
     }
 
-    fn register_open(&self, ino: u64) -> u64 {
+    fn register_open(&self, ino: u64, writable: bool) -> u64 {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.inodes.with(ino, |i| i.open_count += 1);
         self.open_files.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().insert(handle, ino);
+        self.files.lock().insert(handle, OpenFile { ino, writable });
         handle
+    }
+
+    /// Whether `handle` may have written: a read-only descriptor's close
+    /// must neither wait for another descriptor's data nor take the write
+    /// error that descriptor's close is owed (the kernel client's
+    /// nfs_file_flush only flushes FMODE_WRITE files, too).
+    fn may_have_written(&self, handle: u64) -> bool {
+        self.files.lock().get(&handle).is_none_or(|f| f.writable)
     }
 
     /// Close-to-open: every open revalidates attributes with the server.
     pub async fn open(&self, c: &Caller, ino: u64, flags: i32) -> Result<Opened, FsError> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+        if writable_flags(flags) {
             self.writable()?;
         }
         let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
@@ -1089,8 +1119,9 @@ impl NfsFs {
             })
             .unwrap_or(false);
         Ok(Opened {
-            fh: self.register_open(ino),
+            fh: self.register_open(ino, writable_flags(flags)),
             keep_cache,
+            read_only: !writable_flags(flags),
         })
     }
 
@@ -1135,12 +1166,13 @@ impl NfsFs {
         };
         self.inodes
             .with(entry.ino, |i| i.data_key = Some(entry.attr.change_key()));
-        let handle = self.register_open(entry.ino);
+        let handle = self.register_open(entry.ino, writable_flags(flags));
         Ok((
             entry,
             Opened {
                 fh: handle,
                 keep_cache: false,
+                read_only: !writable_flags(flags),
             },
         ))
     }
@@ -1298,7 +1330,10 @@ impl NfsFs {
     }
 
     /// close(2) of one descriptor: make the data durable and report errors.
-    pub async fn flush(&self, ino: u64) -> Result<(), FsError> {
+    pub async fn flush(&self, ino: u64, handle: u64) -> Result<(), FsError> {
+        if !self.may_have_written(handle) {
+            return Ok(());
+        }
         self.writeback.flush(ino).await
     }
 
@@ -1307,7 +1342,11 @@ impl NfsFs {
     }
 
     pub async fn release(&self, c: &Caller, ino: u64, handle: u64) -> Result<(), FsError> {
-        let result = self.writeback.flush(ino).await;
+        let result = if self.may_have_written(handle) {
+            self.writeback.flush(ino).await
+        } else {
+            Ok(())
+        };
         if self.files.lock().remove(&handle).is_some() {
             self.open_files.fetch_sub(1, Ordering::Relaxed);
         }
@@ -1533,7 +1572,7 @@ impl NfsFs {
 
     /// Makes all written data durable; used at unmount.
     pub async fn flush_all(&self) -> Result<(), FsError> {
-        let inos: Vec<u64> = self.files.lock().values().copied().collect();
+        let inos: Vec<u64> = self.files.lock().values().map(|f| f.ino).collect();
         let mut first = Ok(());
         for ino in inos {
             if let Err(e) = self.writeback.flush(ino).await {

@@ -19,8 +19,9 @@ use super::errno::FsError;
 use crate::nfs::{FileHandle, NfsClient, StableHow, Wcc, WriteVerf};
 use crate::rpc::Credential;
 
-/// Gathered data older than this is sent even if the chunk is not full.
-const GATHER_AGE: Duration = Duration::from_millis(200);
+/// Gathered data older than this is sent even if the chunk is not full
+/// (the default; [`WriteBack::new`] takes the mount's value).
+pub const GATHER_AGE: Duration = Duration::from_millis(200);
 /// Sent-but-uncommitted data older than this is committed in the background.
 const COMMIT_AGE: Duration = Duration::from_secs(5);
 
@@ -74,10 +75,17 @@ pub struct WriteBack {
     pressure: Notify,
     /// Chunks sent again because the server's write verifier changed.
     resent: std::sync::atomic::AtomicU64,
+    gather_age: Duration,
 }
 
 impl WriteBack {
-    pub fn new(nfs: NfsClient, wsize: u32, dirty_limit: usize, wcc_sink: WccSink) -> Arc<Self> {
+    pub fn new(
+        nfs: NfsClient,
+        wsize: u32,
+        dirty_limit: usize,
+        gather_age: Duration,
+        wcc_sink: WccSink,
+    ) -> Arc<Self> {
         let budget_bytes = dirty_limit.max(2 * wsize as usize);
         let wb = Arc::new(Self {
             nfs,
@@ -88,6 +96,7 @@ impl WriteBack {
             wcc_sink,
             pressure: Notify::new(),
             resent: std::sync::atomic::AtomicU64::new(0),
+            gather_age,
         });
         tokio::spawn(Self::flusher(Arc::downgrade(&wb)));
         wb
@@ -440,7 +449,7 @@ impl WriteBack {
                 tokio::pin!(pressure);
                 pressure.as_mut().enable();
                 tokio::select! {
-                    _ = tokio::time::sleep(GATHER_AGE) => false,
+                    _ = tokio::time::sleep(this.gather_age) => false,
                     _ = &mut pressure => true,
                 }
             };
@@ -455,7 +464,7 @@ impl WriteBack {
                 let (send, commit) = {
                     let mut s = file.state.lock();
                     let send = match &s.gather {
-                        Some(g) if under_pressure || g.since.elapsed() >= GATHER_AGE => {
+                        Some(g) if under_pressure || g.since.elapsed() >= this.gather_age => {
                             s.inflight += 1;
                             s.gather.take()
                         }
