@@ -399,13 +399,13 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
         self.rt
-            .spawn(async move { reply_empty(reply, fs.fsync(ino.0).await) });
+            .spawn(async move { reply_empty(reply, fs.fsync(ino.0, fh.0).await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

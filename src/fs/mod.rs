@@ -1337,8 +1337,14 @@ impl NfsFs {
         self.writeback.flush(ino).await
     }
 
-    pub async fn fsync(&self, ino: u64) -> Result<(), FsError> {
-        self.writeback.flush(ino).await
+    /// fsync(2) makes the whole file durable whichever descriptor asks, but
+    /// a read-only one must not take the error owed to the writer's close.
+    pub async fn fsync(&self, ino: u64, handle: u64) -> Result<(), FsError> {
+        if self.may_have_written(handle) {
+            self.writeback.flush(ino).await
+        } else {
+            self.writeback.settle(ino, false).await
+        }
     }
 
     pub async fn release(&self, c: &Caller, ino: u64, handle: u64) -> Result<(), FsError> {
@@ -1572,7 +1578,11 @@ impl NfsFs {
 
     /// Makes all written data durable; used at unmount.
     pub async fn flush_all(&self) -> Result<(), FsError> {
-        let inos: Vec<u64> = self.files.lock().values().map(|f| f.ino).collect();
+        // Also files no longer open whose close could not flush them.
+        let mut inos: Vec<u64> = self.files.lock().values().map(|f| f.ino).collect();
+        inos.extend(self.writeback.inos());
+        inos.sort_unstable();
+        inos.dedup();
         let mut first = Ok(());
         for ino in inos {
             if let Err(e) = self.writeback.flush(ino).await {

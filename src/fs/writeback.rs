@@ -29,6 +29,9 @@ struct Chunk {
     offset: u64,
     data: Bytes,
     verf: WriteVerf,
+    /// A resend after a verifier change failed: send again whatever the
+    /// next COMMIT's verifier says.
+    resend: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -224,6 +227,7 @@ impl WriteBack {
                     offset: g.offset,
                     data,
                     verf,
+                    resend: false,
                     _permit: g.permit,
                 });
             }
@@ -383,7 +387,7 @@ impl WriteBack {
         (self.wcc_sink)(ino, &commit.wcc);
         let lost: Vec<Chunk> = chunks
             .into_iter()
-            .filter(|c| c.verf != commit.verf)
+            .filter(|c| c.resend || c.verf != commit.verf)
             .collect();
         if !lost.is_empty() {
             warn!(
@@ -393,9 +397,21 @@ impl WriteBack {
             );
             self.resent
                 .fetch_add(lost.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            for c in lost {
-                self.send_chunk(ino, &file.fh, &cred, c.offset, &c.data, StableHow::FileSync)
-                    .await?;
+            let mut lost = lost.into_iter();
+            while let Some(c) = lost.next() {
+                let sent = self
+                    .send_chunk(ino, &file.fh, &cred, c.offset, &c.data, StableHow::FileSync)
+                    .await;
+                if let Err(e) = sent {
+                    // Keep this chunk and the rest for the next flush to
+                    // resend: whoever sees this error may not be the writer.
+                    let mut s = file.state.lock();
+                    let keep = std::iter::once(c).chain(lost);
+                    s.uncommitted
+                        .extend(keep.map(|c| Chunk { resend: true, ..c }));
+                    s.oldest_uncommitted.get_or_insert_with(Instant::now);
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -440,6 +456,16 @@ impl WriteBack {
         self.budget_bytes - self.budget.available_permits()
     }
 
+    /// How often the flusher looks: as often as gathers age, within reason.
+    fn tick(&self) -> Duration {
+        self.gather_age.clamp(Duration::from_millis(10), COMMIT_AGE)
+    }
+
+    /// Inodes with write state (pending data or an unreported error).
+    pub fn inos(&self) -> Vec<u64> {
+        self.files.lock().keys().copied().collect()
+    }
+
     /// Background task: sends aged gathers and commits aged or pressing data.
     async fn flusher(wb: std::sync::Weak<Self>) {
         loop {
@@ -449,7 +475,7 @@ impl WriteBack {
                 tokio::pin!(pressure);
                 pressure.as_mut().enable();
                 tokio::select! {
-                    _ = tokio::time::sleep(this.gather_age) => false,
+                    _ = tokio::time::sleep(this.tick()) => false,
                     _ = &mut pressure => true,
                 }
             };
