@@ -35,6 +35,11 @@ finish() {
         # also stops named instances a failing test may have left behind
         "$GANESHA_SH" stop --all >/dev/null 2>&1 || true
     fi
+    if ((rc == 0)) && [[ -n ${export_dir:-} && -d $export_dir ]]; then
+        # Each test works in its own t-NAME-PID directory; a passing run
+        # leaves none behind (a failing one keeps them to look at).
+        rm -rf "$export_dir"/t-* 2>/dev/null || true
+    fi
     if ((rc == 0)); then
         echo "test.sh: PASS (all tests passed in $((SECONDS - START))s)"
     else
