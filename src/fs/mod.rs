@@ -501,11 +501,14 @@ impl NfsFs {
     }
 
     /// The object `name` named changed (nlink, ctime): expire its attributes.
-    fn expire_dentry(&self, parent: u64, name: &[u8]) {
+    /// Returns the inode the name last led to, if we had seen it.
+    fn expire_dentry(&self, parent: u64, name: &[u8]) -> Option<u64> {
         let key = (parent, Bytes::copy_from_slice(name));
-        if let Some(Dentry { ino: Some(ino), .. }) = self.dentries.lock().pop(&key) {
-            self.inodes.invalidate_attr(ino);
-        }
+        let Some(Dentry { ino: Some(ino), .. }) = self.dentries.lock().pop(&key) else {
+            return None;
+        };
+        self.inodes.invalidate_attr(ino);
+        Some(ino)
     }
 
     /// Whether the server compares names byte for byte (PATHCONF: not case
@@ -1026,14 +1029,9 @@ impl NfsFs {
         let ok = self.nfs.rmdir(&self.cred(c), &dir, name).await?;
         self.update_dir(parent, &ok.dir_wcc, &[DirChange::Removed(name)]);
         // Its inode number may soon name another directory.
-        let key = (parent, Bytes::copy_from_slice(name));
-        if let Some(Dentry {
-            ino: Some(gone), ..
-        }) = self.dentries.lock().peek(&key).copied()
-        {
+        if let Some(gone) = self.expire_dentry(parent, name) {
             self.known_dirs.lock().forget(gone);
         }
-        self.expire_dentry(parent, name);
         Ok(())
     }
 
@@ -1097,7 +1095,8 @@ impl NfsFs {
 
     /// Close-to-open: every open revalidates attributes with the server.
     pub async fn open(&self, c: &Caller, ino: u64, flags: i32) -> Result<Opened, FsError> {
-        if writable_flags(flags) {
+        let writable = writable_flags(flags);
+        if writable {
             self.writable()?;
         }
         let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
@@ -1119,9 +1118,9 @@ impl NfsFs {
             })
             .unwrap_or(false);
         Ok(Opened {
-            fh: self.register_open(ino, writable_flags(flags)),
+            fh: self.register_open(ino, writable),
             keep_cache,
-            read_only: !writable_flags(flags),
+            read_only: !writable,
         })
     }
 
@@ -1166,13 +1165,14 @@ impl NfsFs {
         };
         self.inodes
             .with(entry.ino, |i| i.data_key = Some(entry.attr.change_key()));
-        let handle = self.register_open(entry.ino, writable_flags(flags));
+        let writable = writable_flags(flags);
+        let handle = self.register_open(entry.ino, writable);
         Ok((
             entry,
             Opened {
                 fh: handle,
                 keep_cache: false,
-                read_only: !writable_flags(flags),
+                read_only: !writable,
             },
         ))
     }
@@ -1463,7 +1463,6 @@ impl NfsFs {
                 .entries
                 .into_iter()
                 .map(|e| {
-                    self.known_dirs.lock().listed(ino, &e.name);
                     let entry = match (&e.fh, &e.attr) {
                         (Some(fh), Some(a))
                             if e.name.as_ref() != b"." && e.name.as_ref() != b".." =>
@@ -1489,19 +1488,22 @@ impl NfsFs {
             let items = page
                 .entries
                 .into_iter()
-                .map(|e| {
-                    self.known_dirs.lock().listed(ino, &e.name);
-                    DirItem {
-                        ino: self.inodes.ino_of(e.fileid),
-                        name: e.name,
-                        kind: FileType::Regular,
-                        offset: e.cookie,
-                        entry: None,
-                    }
+                .map(|e| DirItem {
+                    ino: self.inodes.ino_of(e.fileid),
+                    name: e.name,
+                    kind: FileType::Regular,
+                    offset: e.cookie,
+                    entry: None,
                 })
                 .collect();
             (items, page.cookieverf, page.eof)
         };
+        {
+            let mut known = self.known_dirs.lock();
+            for item in &items {
+                known.listed(ino, &item.name);
+            }
+        }
         if let Some(s) = self.dirs.lock().get_mut(&handle) {
             s.verf = new_verf;
             s.page = items.clone();

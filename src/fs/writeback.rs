@@ -346,11 +346,10 @@ impl WriteBack {
     /// and resend chunks whose verifier no longer matches. Reports (and
     /// clears) any write error since the last report.
     pub async fn flush(self: &Arc<Self>, ino: u64) -> Result<(), FsError> {
-        self.drain_as(ino, true).await?;
+        let result = self.settle(ino, false).await;
         let Some(file) = self.files.lock().get(&ino).cloned() else {
-            return Ok(());
+            return result;
         };
-        let result = self.commit_file(ino, &file).await;
         let mut s = file.state.lock();
         let sticky = s.error.take();
         if s.gather.is_none() && s.inflight == 0 && s.uncommitted.is_empty() {
