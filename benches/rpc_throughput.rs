@@ -1,5 +1,8 @@
-//! Client-only sequential READ and WRITE throughput: 1 MiB calls, many in
-//! flight, no FUSE. Targets an in-process nfs3_server (memfs) by default, or
+//! Client-only sequential READ and WRITE throughput (1 MiB calls, many in
+//! flight), and the one-call-at-a-time round trip of the metadata calls a
+//! shell loop makes (CREATE, REMOVE, GETATTR): no FUSE. The latter is the
+//! server's floor under the mount's create/rm rows, which wait for one
+//! reply per file. Targets an in-process nfs3_server (memfs) by default, or
 //! a real server when CSI_NFS_FUSE_BENCH_SOURCE names one, e.g.
 //!   CSI_NFS_FUSE_BENCH_SOURCE=nfs://127.0.0.1/tmp/csi-nfs-fuse-ganesha/default/export \
 //!   CSI_NFS_FUSE_BENCH_OPTS=nconnect=2 cargo criterion --bench rpc_throughput
@@ -137,6 +140,42 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| write_all(&s, &fh, &buf))
     });
     g.finish();
+
+    // One call in flight, as `: > f` and `rm f` in a loop make them: what
+    // the server and the network take before any FUSE cost.
+    let mut g = c.benchmark_group(format!(
+        "client-only metadata, one call at a time ({target})"
+    ));
+    g.sample_size(20);
+    g.measurement_time(Duration::from_secs(5));
+    let dir_name = format!("bench-meta-{}", std::process::id());
+    let dir = rt
+        .block_on(
+            s.nfs
+                .mkdir(&cred(), &s.root, dir_name.as_bytes(), sattr_none()),
+        )
+        .unwrap()
+        .fh
+        .unwrap();
+    let n = std::sync::atomic::AtomicU64::new(0);
+    g.bench_function("GETATTR", |b| {
+        b.to_async(&rt)
+            .iter(|| async { s.nfs.getattr(&cred(), &fh).await.unwrap() })
+    });
+    g.bench_function("CREATE (unchecked) + REMOVE", |b| {
+        b.to_async(&rt).iter(|| async {
+            let name = format!("f{}", n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let how = createhow3::UNCHECKED(sattr_none());
+            s.nfs
+                .create(&cred(), &dir, name.as_bytes(), how)
+                .await
+                .unwrap();
+            s.nfs.remove(&cred(), &dir, name.as_bytes()).await.unwrap();
+        })
+    });
+    g.finish();
+    rt.block_on(s.nfs.rmdir(&cred(), &s.root, dir_name.as_bytes()))
+        .unwrap();
 }
 
 criterion_group!(benches, bench);
