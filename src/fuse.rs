@@ -1,11 +1,15 @@
 //! The thin fuser adapter: each request is answered from a tokio task, so a
 //! slow NFS call never holds up other requests, and errors become errno in
-//! one place ([`crate::fs::errno`]).
+//! one place ([`crate::fs::errno`]). Each request is first polled on the
+//! FUSE thread itself, so what the caches answer needs no other thread
+//! ([`FuseAdapter::answer`]).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Wake, Waker};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -14,6 +18,7 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     Request, TimeOrNow, WriteFlags,
 };
+use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tracing::debug;
 
@@ -31,6 +36,82 @@ pub struct FuseAdapter {
 impl FuseAdapter {
     pub fn new(fs: Arc<NfsFs>, rt: Handle) -> Self {
         Self { fs, rt }
+    }
+
+    /// Answers a request. The future is polled once right here on the FUSE
+    /// thread: what the caches serve alone (a cached lookup or attribute, a
+    /// block already read ahead, a buffered write, a close with nothing to
+    /// send) then costs no wake-up of another thread, which is most of a
+    /// FUSE round trip's price on a small machine, and a call to the server
+    /// is on its way before any other thread runs. A request that has to
+    /// wait is parked ([`Parked`]) rather than spawned.
+    fn answer(&self, request: impl Future<Output = ()> + Send + 'static) {
+        let parked = Arc::new(Parked {
+            state: Mutex::new(ParkState::Polling),
+            rt: self.rt.clone(),
+        });
+        let waker = Waker::from(parked.clone());
+        // Inside the runtime's context, so timers, I/O and spawns in the
+        // first poll register with it as they would on a worker.
+        let _rt = self.rt.enter();
+        // Boxed before the first poll: the future may leave pointers to
+        // itself in wait lists, so it must not move when it is handed over.
+        let mut request: PinnedRequest = Box::pin(request);
+        if request
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            return;
+        }
+        let mut state = parked.state.lock();
+        if matches!(*state, ParkState::Woken) {
+            *state = ParkState::Spawned;
+            drop(state);
+            self.rt.spawn(request);
+        } else {
+            *state = ParkState::Waiting(request);
+        }
+    }
+}
+
+type PinnedRequest = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A request that went pending on its inline poll. It is held only by the
+/// wakers it registered, and the first wake hands it to the runtime. That
+/// wake usually comes from a worker (the RPC reader routing a reply), which
+/// queues it locally: no thread is woken just to find the request still
+/// waiting, as an immediate `spawn` from the FUSE thread would do.
+struct Parked {
+    state: Mutex<ParkState>,
+    rt: Handle,
+}
+
+enum ParkState {
+    /// The first poll is running on the FUSE thread.
+    Polling,
+    /// Woken while the first poll ran: spawn as soon as it returns.
+    Woken,
+    Waiting(PinnedRequest),
+    /// Owned by the runtime now, which polls it with its own waker.
+    Spawned,
+}
+
+impl Wake for Parked {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let mut state = self.state.lock();
+        match std::mem::replace(&mut *state, ParkState::Spawned) {
+            ParkState::Polling | ParkState::Woken => *state = ParkState::Woken,
+            ParkState::Waiting(request) => {
+                drop(state);
+                self.rt.spawn(request);
+            }
+            ParkState::Spawned => {}
+        }
     }
 }
 
@@ -146,7 +227,7 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.lookup(&c, parent.0, &name).await {
                 Err(FsError(libc::ENOENT)) if !fs.negative_ttl().is_zero() => {
                     // A negative entry (inode 0) lets the kernel cache "absent".
@@ -165,7 +246,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.getattr(&c, ino.0).await {
                 Ok((a, ttl)) => reply.attr(&ttl, &file_attr(ino.0, &a)),
                 Err(e) => reply.error(errno(e)),
@@ -200,7 +281,7 @@ impl Filesystem for FuseAdapter {
             atime: time_set(atime),
             mtime: time_set(mtime),
         };
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.setattr(&c, ino.0, set).await {
                 Ok((a, ttl)) => reply.attr(&ttl, &file_attr(ino.0, &a)),
                 Err(e) => reply.error(errno(e)),
@@ -210,7 +291,7 @@ impl Filesystem for FuseAdapter {
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.readlink(&c, ino.0).await {
                 Ok(t) => reply.data(&t),
                 Err(e) => reply.error(errno(e)),
@@ -229,7 +310,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
-        self.rt.spawn(async move {
+        self.answer(async move {
             reply_entry(
                 reply,
                 fs.mknod(&c, parent.0, &name, mode & !umask, rdev).await,
@@ -247,21 +328,19 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
-        self.rt.spawn(async move {
+        self.answer(async move {
             reply_entry(reply, fs.mkdir(&c, parent.0, &name, mode & !umask).await);
         });
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
-        self.rt
-            .spawn(async move { reply_empty(reply, fs.unlink(&c, parent.0, &name).await) });
+        self.answer(async move { reply_empty(reply, fs.unlink(&c, parent.0, &name).await) });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
-        self.rt
-            .spawn(async move { reply_empty(reply, fs.rmdir(&c, parent.0, &name).await) });
+        self.answer(async move { reply_empty(reply, fs.rmdir(&c, parent.0, &name).await) });
     }
 
     fn symlink(
@@ -277,7 +356,7 @@ impl Filesystem for FuseAdapter {
             link_name.as_bytes().to_vec(),
             target.as_os_str().as_bytes().to_vec(),
         );
-        self.rt.spawn(async move {
+        self.answer(async move {
             reply_entry(reply, fs.symlink(&c, parent.0, &name, &target).await);
         });
     }
@@ -294,7 +373,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let (fs, c) = (self.fs.clone(), caller(req));
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        self.rt.spawn(async move {
+        self.answer(async move {
             let r = fs
                 .rename(&c, parent.0, &name, newparent.0, &newname, flags.bits())
                 .await;
@@ -311,14 +390,14 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let (fs, c, name) = (self.fs.clone(), caller(req), newname.as_bytes().to_vec());
-        self.rt.spawn(async move {
+        self.answer(async move {
             reply_entry(reply, fs.link(&c, ino.0, newparent.0, &name).await);
         });
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.open(&c, ino.0, flags.0).await {
                 Ok(o) => reply.opened(FileHandle(o.fh), open_flags(&o)),
                 Err(e) => reply.error(errno(e)),
@@ -338,7 +417,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.read(&c, ino.0, fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(e)),
@@ -359,7 +438,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let (fs, c, data) = (self.fs.clone(), caller(req), data.to_vec());
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.write(&c, ino.0, offset, data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
@@ -376,8 +455,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.rt
-            .spawn(async move { reply_empty(reply, fs.flush(ino.0, fh.0).await) });
+        self.answer(async move { reply_empty(reply, fs.flush(ino.0, fh.0).await) });
     }
 
     fn release(
@@ -391,8 +469,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt
-            .spawn(async move { reply_empty(reply, fs.release(&c, ino.0, fh.0).await) });
+        self.answer(async move { reply_empty(reply, fs.release(&c, ino.0, fh.0).await) });
     }
 
     fn fsync(
@@ -404,8 +481,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.rt
-            .spawn(async move { reply_empty(reply, fs.fsync(ino.0, fh.0).await) });
+        self.answer(async move { reply_empty(reply, fs.fsync(ino.0, fh.0).await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -424,7 +500,7 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectory,
     ) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.readdir(&c, fh.0, offset, false).await {
                 Ok(items) => {
                     for i in items {
@@ -453,7 +529,7 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.readdir(&c, fh.0, offset, true).await {
                 Ok(items) => {
                     let mut accepted = Vec::new();
@@ -528,7 +604,7 @@ impl Filesystem for FuseAdapter {
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.statfs(&c).await {
                 Ok(s) => reply.statfs(
                     s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
@@ -540,8 +616,7 @@ impl Filesystem for FuseAdapter {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let (fs, c) = (self.fs.clone(), caller(req));
-        self.rt
-            .spawn(async move { reply_empty(reply, fs.access(&c, ino.0, mask.bits()).await) });
+        self.answer(async move { reply_empty(reply, fs.access(&c, ino.0, mask.bits()).await) });
     }
 
     // NFSv3 has no extended attributes. ENOSYS makes the kernel stop asking
@@ -589,7 +664,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
-        self.rt.spawn(async move {
+        self.answer(async move {
             match fs.create(&c, parent.0, &name, mode & !umask, flags).await {
                 Ok((e, o)) => reply.created(
                     &e.entry_ttl,
