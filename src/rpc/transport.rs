@@ -115,16 +115,39 @@ struct Pending {
 struct ConnShared {
     addr: SocketAddr,
     pending: Mutex<HashMap<u32, Pending>>,
+    /// The live connection's write side, shared by the driver task and
+    /// callers that write a small call themselves ([`ConnShared::send_direct`]).
+    /// `None` while disconnected.
+    writer: tokio::sync::Mutex<Option<WriterSlot>>,
+    /// Largest call a caller may write itself: one fragment, small enough to fit
+    /// an idle socket's send buffer whole.
+    direct_max: usize,
     reconnect: Notify,
     local_addr: Mutex<Option<SocketAddr>>,
     stats: ConnStats,
 }
+
+struct WriterSlot {
+    wr: BufWriter<OwnedWriteHalf>,
+    generation: u64,
+    /// The unwritten tail of a call that a caller began writing directly;
+    /// it must go out before any other byte.
+    carry: Option<Bytes>,
+}
+
+/// Calls up to this size may be written by the caller itself: they fit an
+/// idle socket's send buffer whole, so a tail is almost never carried.
+const DIRECT_MAX: usize = 64 << 10;
 
 /// Counters a test or an operator can read to see what the transport did.
 #[derive(Default, Debug)]
 pub struct ConnStats {
     pub connects: AtomicU64,
     pub calls_sent: AtomicU64,
+    /// Calls written by their caller rather than the driver task.
+    pub direct_sends: AtomicU64,
+    /// Direct writes the socket took only part of (the driver wrote the rest).
+    pub carried_tails: AtomicU64,
     pub retransmits: AtomicU64,
     pub replies: AtomicU64,
     /// Most calls ever outstanding at once on one connection.
@@ -135,6 +158,8 @@ pub struct ConnStats {
 pub struct StatsSnapshot {
     pub connects: u64,
     pub calls_sent: u64,
+    pub direct_sends: u64,
+    pub carried_tails: u64,
     pub retransmits: u64,
     pub replies: u64,
     pub max_outstanding: u64,
@@ -150,6 +175,8 @@ impl RpcClient {
                 let shared = Arc::new(ConnShared {
                     addr,
                     pending: Mutex::new(HashMap::new()),
+                    writer: tokio::sync::Mutex::new(None),
+                    direct_max: DIRECT_MAX.min(cfg.max_send_fragment),
                     reconnect: Notify::new(),
                     local_addr: Mutex::new(None),
                     stats: ConnStats::default(),
@@ -197,6 +224,8 @@ impl RpcClient {
         for c in &self.inner.conns {
             s.connects += c.shared.stats.connects.load(Ordering::Relaxed);
             s.calls_sent += c.shared.stats.calls_sent.load(Ordering::Relaxed);
+            s.direct_sends += c.shared.stats.direct_sends.load(Ordering::Relaxed);
+            s.carried_tails += c.shared.stats.carried_tails.load(Ordering::Relaxed);
             s.retransmits += c.shared.stats.retransmits.load(Ordering::Relaxed);
             s.replies += c.shared.stats.replies.load(Ordering::Relaxed);
             s.max_outstanding = s
@@ -273,7 +302,9 @@ impl RpcClient {
             shared: &conn.shared,
             xid,
         };
-        conn.tx.send(xid).map_err(|_| RpcError::Shutdown)?;
+        if !conn.shared.send_direct(xid) {
+            conn.tx.send(xid).map_err(|_| RpcError::Shutdown)?;
+        }
 
         let cfg = &inner.cfg;
         let start = Instant::now();
@@ -328,6 +359,61 @@ impl RpcClient {
 struct PendingGuard<'a> {
     shared: &'a ConnShared,
     xid: u32,
+}
+
+impl ConnShared {
+    /// Writes a small call straight to the socket from the caller's thread
+    /// when the connection is up and no one else is writing. This saves
+    /// waking the driver task, which on a request from a FUSE thread is a
+    /// cross-thread wake-up per call. Returns false (nothing written) when
+    /// the driver must send it instead. A tail the socket did not take is
+    /// left for the driver to write first.
+    fn send_direct(&self, xid: u32) -> bool {
+        let Ok(mut slot) = self.writer.try_lock() else {
+            return false;
+        };
+        let Some(w) = slot
+            .as_mut()
+            .filter(|w| w.carry.is_none() && w.wr.buffer().is_empty())
+        else {
+            return false;
+        };
+        let payload = match self.pending.lock().get_mut(&xid) {
+            Some(p) if p.payload.len() <= self.direct_max => {
+                p.sent_gen = w.generation;
+                p.payload.clone()
+            }
+            _ => return false,
+        };
+        let header = (payload.len() as u32 | 0x8000_0000).to_be_bytes();
+        let record = [
+            std::io::IoSlice::new(&header),
+            std::io::IoSlice::new(&payload),
+        ];
+        let total = header.len() + payload.len();
+        match w.wr.get_ref().try_write_vectored(&record) {
+            Ok(n) if n > 0 => {
+                self.stats.calls_sent.fetch_add(1, Ordering::Relaxed);
+                self.stats.direct_sends.fetch_add(1, Ordering::Relaxed);
+                if n < total {
+                    self.stats.carried_tails.fetch_add(1, Ordering::Relaxed);
+                    let mut tail = BytesMut::with_capacity(total - n);
+                    tail.extend_from_slice(&header[n.min(4)..]);
+                    tail.extend_from_slice(&payload[n.saturating_sub(4)..]);
+                    w.carry = Some(tail.freeze());
+                    return false; // the driver's wake writes the tail
+                }
+                true
+            }
+            // Full socket or an error: the driver writes it, and meets the error itself.
+            _ => {
+                if let Some(p) = self.pending.lock().get_mut(&xid) {
+                    p.sent_gen = 0;
+                }
+                false
+            }
+        }
+    }
 }
 
 impl Drop for PendingGuard<'_> {
@@ -467,15 +553,33 @@ async fn serve_connection(
     generation: u64,
     cfg: &RpcConfig,
 ) -> ConnEnd {
-    let mut wr = BufWriter::with_capacity(64 << 10, wr);
+    *shared.writer.lock().await = Some(WriterSlot {
+        wr: BufWriter::with_capacity(64 << 10, wr),
+        generation,
+        carry: None,
+    });
+    let end = serve_writes(shared, rx, reader, generation, cfg).await;
+    *shared.writer.lock().await = None;
+    end
+}
+
+async fn serve_writes(
+    shared: &ConnShared,
+    rx: &mut mpsc::UnboundedReceiver<u32>,
+    reader: &mut JoinHandle<String>,
+    generation: u64,
+    cfg: &RpcConfig,
+) -> ConnEnd {
     let mut outstanding: Vec<u32> = shared.pending.lock().keys().copied().collect();
     outstanding.sort_unstable();
     let frag = cfg.max_send_fragment;
     let resend = async {
+        let mut slot = shared.writer.lock().await;
+        let w = slot.as_mut().expect("writer slot set for this connection");
         for xid in outstanding {
-            write_call(&mut wr, shared, xid, generation, frag).await?;
+            write_call(&mut w.wr, shared, xid, generation, frag).await?;
         }
-        wr.flush().await
+        w.wr.flush().await
     };
     tokio::select! {
         r = resend => if let Err(e) = r { return ConnEnd::Failed(e.to_string()) },
@@ -489,11 +593,17 @@ async fn serve_connection(
             m = rx.recv() => {
                 let Some(xid) = m else { return ConnEnd::Shutdown };
                 let batch = async {
-                    write_call(&mut wr, shared, xid, generation, frag).await?;
-                    while let Ok(xid) = rx.try_recv() {
-                        write_call(&mut wr, shared, xid, generation, frag).await?;
+                    let mut slot = shared.writer.lock().await;
+                    let w = slot.as_mut().expect("writer slot set for this connection");
+                    // A call a caller began writing must be finished first.
+                    if let Some(tail) = w.carry.take() {
+                        w.wr.write_all(&tail).await?;
                     }
-                    wr.flush().await
+                    write_call(&mut w.wr, shared, xid, generation, frag).await?;
+                    while let Ok(xid) = rx.try_recv() {
+                        write_call(&mut w.wr, shared, xid, generation, frag).await?;
+                    }
+                    w.wr.flush().await
                 };
                 // A write can block forever on a black-holed peer; a reconnect
                 // request or the reader's death must still get through.
