@@ -9,7 +9,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Wake, Waker};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -31,11 +32,25 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub struct FuseAdapter {
     fs: Arc<NfsFs>,
     rt: Handle,
+    /// Set once the runtime is shutting down; see [`FuseAdapter::closing`].
+    closing: Arc<AtomicBool>,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<NfsFs>, rt: Handle) -> Self {
-        Self { fs, rt }
+        Self {
+            fs,
+            rt,
+            closing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A flag to raise before the runtime shuts down. Requests that arrive
+    /// later are refused (the kernel sees EIO) instead of polled against a
+    /// runtime that would panic on their timers, and parked ones woken
+    /// then are leaked rather than dropped inside the waker's caller.
+    pub fn closing(&self) -> Arc<AtomicBool> {
+        self.closing.clone()
     }
 
     /// Answers a request. The future is polled once right here on the FUSE
@@ -46,9 +61,13 @@ impl FuseAdapter {
     /// is on its way before any other thread runs. A request that has to
     /// wait is parked ([`Parked`]) rather than spawned.
     fn answer(&self, request: impl Future<Output = ()> + Send + 'static) {
+        if self.closing.load(Ordering::Acquire) {
+            return; // dropping the unpolled request answers EIO
+        }
         let parked = Arc::new(Parked {
             state: Mutex::new(ParkState::Polling),
             rt: self.rt.clone(),
+            closing: self.closing.clone(),
         });
         let waker = Waker::from(parked.clone());
         // Inside the runtime's context, so timers, I/O and spawns in the
@@ -57,12 +76,18 @@ impl FuseAdapter {
         // Boxed before the first poll: the future may leave pointers to
         // itself in wait lists, so it must not move when it is handed over.
         let mut request: PinnedRequest = Box::pin(request);
-        if request
-            .as_mut()
-            .poll(&mut Context::from_waker(&waker))
-            .is_ready()
-        {
-            return;
+        // A panic in the filesystem must not take the FUSE thread with it
+        // (a spawned task's panic would have stayed in that task).
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            request.as_mut().poll(&mut Context::from_waker(&waker))
+        }));
+        match polled {
+            Ok(Poll::Ready(())) => return,
+            Ok(Poll::Pending) => {}
+            Err(_) => {
+                tracing::error!("a FUSE request handler panicked; answered EIO");
+                return;
+            }
         }
         let mut state = parked.state.lock();
         if matches!(*state, ParkState::Woken) {
@@ -85,6 +110,7 @@ type PinnedRequest = Pin<Box<dyn Future<Output = ()> + Send>>;
 struct Parked {
     state: Mutex<ParkState>,
     rt: Handle,
+    closing: Arc<AtomicBool>,
 }
 
 enum ParkState {
@@ -108,7 +134,13 @@ impl Wake for Parked {
             ParkState::Polling | ParkState::Woken => *state = ParkState::Woken,
             ParkState::Waiting(request) => {
                 drop(state);
-                self.rt.spawn(request);
+                if self.closing.load(Ordering::Acquire) {
+                    // A shut-down runtime would drop it right here, and the
+                    // waker's caller may hold a lock that its drop takes.
+                    std::mem::forget(request);
+                } else {
+                    self.rt.spawn(request);
+                }
             }
             ParkState::Spawned => {}
         }

@@ -137,6 +137,7 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
     config.clone_fd = true;
 
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
+    let fuse_closing = adapter.closing();
     let session = fuser::Session::new(adapter, &req.mountpoint, &config)
         .with_context(|| format!("FUSE mount on {}", req.mountpoint.display()))?;
     let bg = session.spawn().context("starting FUSE session")?;
@@ -199,6 +200,7 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
             .await
             .ok()
     });
+    fuse_closing.store(true, std::sync::atomic::Ordering::Release);
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }

@@ -378,11 +378,13 @@ impl ConnShared {
         else {
             return false;
         };
-        let payload = match self.pending.lock().get_mut(&xid) {
-            Some(p) if p.payload.len() <= self.direct_max => {
-                p.sent_gen = w.generation;
-                p.payload.clone()
-            }
+        let (payload, was_sent) = match self.pending.lock().get_mut(&xid) {
+            // A reconnect's resend got to it first: already on this connection.
+            Some(p) if p.sent_gen == w.generation => return true,
+            Some(p) if p.payload.len() <= self.direct_max => (
+                p.payload.clone(),
+                std::mem::replace(&mut p.sent_gen, w.generation),
+            ),
             _ => return false,
         };
         let header = (payload.len() as u32 | 0x8000_0000).to_be_bytes();
@@ -408,7 +410,7 @@ impl ConnShared {
             // Full socket or an error: the driver writes it, and meets the error itself.
             _ => {
                 if let Some(p) = self.pending.lock().get_mut(&xid) {
-                    p.sent_gen = 0;
+                    p.sent_gen = was_sent;
                 }
                 false
             }
@@ -553,19 +555,29 @@ async fn serve_connection(
     generation: u64,
     cfg: &RpcConfig,
 ) -> ConnEnd {
-    *shared.writer.lock().await = Some(WriterSlot {
-        wr: BufWriter::with_capacity(64 << 10, wr),
-        generation,
-        carry: None,
-    });
-    let end = serve_writes(shared, rx, reader, generation, cfg).await;
+    // Cleared however this ends, even when the driver is aborted: a caller
+    // must never write into a connection no task reads or resends for.
+    let _clear = ClearWriterSlot(shared);
+    let end = serve_writes(shared, rx, wr, reader, generation, cfg).await;
     *shared.writer.lock().await = None;
     end
+}
+
+struct ClearWriterSlot<'a>(&'a ConnShared);
+
+impl Drop for ClearWriterSlot<'_> {
+    fn drop(&mut self) {
+        // A direct writer holds the lock only for one non-blocking write.
+        if let Ok(mut slot) = self.0.writer.try_lock() {
+            *slot = None;
+        }
+    }
 }
 
 async fn serve_writes(
     shared: &ConnShared,
     rx: &mut mpsc::UnboundedReceiver<u32>,
+    wr: OwnedWriteHalf,
     reader: &mut JoinHandle<String>,
     generation: u64,
     cfg: &RpcConfig,
@@ -574,8 +586,14 @@ async fn serve_writes(
     outstanding.sort_unstable();
     let frag = cfg.max_send_fragment;
     let resend = async {
+        // The slot is published under the same guard as the resend, so no
+        // caller's direct write can start (and leave a tail) in between.
         let mut slot = shared.writer.lock().await;
-        let w = slot.as_mut().expect("writer slot set for this connection");
+        let w = slot.insert(WriterSlot {
+            wr: BufWriter::with_capacity(64 << 10, wr),
+            generation,
+            carry: None,
+        });
         for xid in outstanding {
             write_call(&mut w.wr, shared, xid, generation, frag).await?;
         }
