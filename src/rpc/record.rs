@@ -54,9 +54,15 @@ impl RecordDecoder {
                 });
             }
             if buf.len() < 4 + len {
-                // Reserve room for the rest of this fragment so the reader
-                // fills it with few syscalls; the cap above bounds it.
-                buf.reserve(4 + len - buf.len());
+                // Room for the rest of this fragment, so the reader fills it
+                // with few syscalls; the cap above bounds it. A fresh buffer
+                // copies only the bytes held, where `reserve` may realloc
+                // and copy the old allocation's whole capacity.
+                if buf.capacity() < 4 + len {
+                    let mut fresh = BytesMut::with_capacity(4 + len);
+                    fresh.extend_from_slice(buf);
+                    *buf = fresh;
+                }
                 return Ok(None);
             }
             buf.advance(4);
