@@ -88,7 +88,15 @@ pub fn run(req: MountRequest) -> anyhow::Result<()> {
 
 fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
     let opts = &req.options;
+    // FUSE threads do most of the work themselves (each request's first
+    // poll, direct call writes), so the runtime mostly reads replies: one
+    // worker per connection. A second worker for one connection only
+    // stole tasks and added wake-ups (measured on 2 cores: 4 KiB random
+    // reads 2.5 -> 1.9 context switches each, cold sequential read 1.0 ->
+    // 0.8 s CPU per GiB, with one worker instead of two).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.nconnect.clamp(1, cores))
         .enable_all()
         .thread_name("nfs-io")
         .build()?;
