@@ -61,42 +61,52 @@ impl FuseAdapter {
     /// is on its way before any other thread runs. A request that has to
     /// wait is parked ([`Parked`]) rather than spawned.
     fn answer(&self, request: impl Future<Output = ()> + Send + 'static) {
-        if self.closing.load(Ordering::Acquire) {
-            return; // dropping the unpolled request answers EIO
+        run_first_here(&self.rt, &self.closing, request);
+    }
+}
+
+/// [`FuseAdapter::answer`]'s work, apart from the filesystem so that tests
+/// can drive it with any future.
+fn run_first_here(
+    rt: &Handle,
+    closing: &Arc<AtomicBool>,
+    request: impl Future<Output = ()> + Send + 'static,
+) {
+    if closing.load(Ordering::Acquire) {
+        return; // dropping the unpolled request answers EIO
+    }
+    let parked = Arc::new(Parked {
+        state: Mutex::new(ParkState::Polling),
+        rt: rt.clone(),
+        closing: closing.clone(),
+    });
+    let waker = Waker::from(parked.clone());
+    // Inside the runtime's context, so timers, I/O and spawns in the
+    // first poll register with it as they would on a worker.
+    let _rt = rt.enter();
+    // Boxed before the first poll: the future may leave pointers to
+    // itself in wait lists, so it must not move when it is handed over.
+    let mut request: PinnedRequest = Box::pin(request);
+    // A panic in the filesystem must not take the FUSE thread with it
+    // (a spawned task's panic would have stayed in that task).
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        request.as_mut().poll(&mut Context::from_waker(&waker))
+    }));
+    match polled {
+        Ok(Poll::Ready(())) => return,
+        Ok(Poll::Pending) => {}
+        Err(_) => {
+            tracing::error!("a FUSE request handler panicked; answered EIO");
+            return;
         }
-        let parked = Arc::new(Parked {
-            state: Mutex::new(ParkState::Polling),
-            rt: self.rt.clone(),
-            closing: self.closing.clone(),
-        });
-        let waker = Waker::from(parked.clone());
-        // Inside the runtime's context, so timers, I/O and spawns in the
-        // first poll register with it as they would on a worker.
-        let _rt = self.rt.enter();
-        // Boxed before the first poll: the future may leave pointers to
-        // itself in wait lists, so it must not move when it is handed over.
-        let mut request: PinnedRequest = Box::pin(request);
-        // A panic in the filesystem must not take the FUSE thread with it
-        // (a spawned task's panic would have stayed in that task).
-        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            request.as_mut().poll(&mut Context::from_waker(&waker))
-        }));
-        match polled {
-            Ok(Poll::Ready(())) => return,
-            Ok(Poll::Pending) => {}
-            Err(_) => {
-                tracing::error!("a FUSE request handler panicked; answered EIO");
-                return;
-            }
-        }
-        let mut state = parked.state.lock();
-        if matches!(*state, ParkState::Woken) {
-            *state = ParkState::Spawned;
-            drop(state);
-            self.rt.spawn(request);
-        } else {
-            *state = ParkState::Waiting(request);
-        }
+    }
+    let mut state = parked.state.lock();
+    if matches!(*state, ParkState::Woken) {
+        *state = ParkState::Spawned;
+        drop(state);
+        rt.spawn(request);
+    } else {
+        *state = ParkState::Waiting(request);
     }
 }
 
@@ -708,5 +718,101 @@ impl Filesystem for FuseAdapter {
                 Err(e) => reply.error(errno(e)),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("test-worker")
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn thread_name() -> String {
+        std::thread::current().name().unwrap_or("").to_string()
+    }
+
+    #[test]
+    fn a_request_that_need_not_wait_is_answered_on_the_calling_thread() {
+        let rt = runtime();
+        let (tx, rx) = mpsc::channel();
+        let closing = Arc::new(AtomicBool::new(false));
+        run_first_here(rt.handle(), &closing, async move {
+            tx.send(thread_name()).unwrap();
+        });
+        // Answered before run_first_here returned, on this thread.
+        assert_eq!(rx.try_recv().unwrap(), thread_name());
+    }
+
+    #[test]
+    fn a_waiting_request_is_finished_by_the_runtime_after_its_wake() {
+        let rt = runtime();
+        let (done_tx, done_rx) = mpsc::channel();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let closing = Arc::new(AtomicBool::new(false));
+        run_first_here(rt.handle(), &closing, async move {
+            go_rx.await.unwrap();
+            done_tx.send(thread_name()).unwrap();
+        });
+        assert!(done_rx.try_recv().is_err(), "finished before its wake");
+        // The wake comes from a runtime task, as a routed RPC reply does.
+        rt.spawn(async move { go_tx.send(()).unwrap() });
+        let ran_on = done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("never finished");
+        assert_eq!(ran_on, "test-worker");
+    }
+
+    #[test]
+    fn a_request_woken_during_its_first_poll_is_not_lost() {
+        let rt = runtime();
+        let (done_tx, done_rx) = mpsc::channel();
+        let closing = Arc::new(AtomicBool::new(false));
+        let mut first = true;
+        run_first_here(
+            rt.handle(),
+            &closing,
+            std::future::poll_fn(move |cx| {
+                if std::mem::take(&mut first) {
+                    // Woken before the first poll has even returned.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                done_tx.send(()).unwrap();
+                Poll::Ready(())
+            }),
+        );
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the wake was lost");
+    }
+
+    #[test]
+    fn a_panicking_request_leaves_the_calling_thread_running() {
+        let rt = runtime();
+        let closing = Arc::new(AtomicBool::new(false));
+        run_first_here(rt.handle(), &closing, async { panic!("handler bug") });
+        let (tx, rx) = mpsc::channel();
+        run_first_here(rt.handle(), &closing, async move { tx.send(()).unwrap() });
+        rx.try_recv().expect("the next request was answered");
+    }
+
+    #[test]
+    fn requests_after_closing_are_dropped_unpolled() {
+        let rt = runtime();
+        let closing = Arc::new(AtomicBool::new(true));
+        let (tx, rx) = mpsc::channel::<()>();
+        run_first_here(rt.handle(), &closing, async move { tx.send(()).unwrap() });
+        // Dropped without running: the sender is gone and nothing was sent.
+        assert_eq!(rx.try_recv(), Err(mpsc::TryRecvError::Disconnected));
     }
 }
