@@ -558,7 +558,60 @@ async fn serve_connection(
     // Cleared however this ends, even when the driver is aborted: a caller
     // must never write into a connection no task reads or resends for.
     let _clear = ClearWriterSlot(shared);
-    let end = serve_writes(shared, rx, wr, reader, generation, cfg).await;
+    let end = async {
+        let mut outstanding: Vec<u32> = shared.pending.lock().keys().copied().collect();
+        outstanding.sort_unstable();
+        let frag = cfg.max_send_fragment;
+        let resend = async {
+            // The slot is published under the same guard as the resend, so no
+            // caller's direct write can start (and leave a tail) in between.
+            let mut slot = shared.writer.lock().await;
+            let w = slot.insert(WriterSlot {
+                wr: BufWriter::with_capacity(64 << 10, wr),
+                generation,
+                carry: None,
+            });
+            for xid in outstanding {
+                write_call(&mut w.wr, shared, xid, generation, frag).await?;
+            }
+            w.wr.flush().await
+        };
+        tokio::select! {
+            r = resend => if let Err(e) = r { return ConnEnd::Failed(e.to_string()) },
+            r = &mut *reader => return ConnEnd::Failed(reader_end(r)),
+        }
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut *reader => return ConnEnd::Failed(reader_end(r)),
+                _ = shared.reconnect.notified() => return ConnEnd::Failed("server not responding".into()),
+                m = rx.recv() => {
+                    let Some(xid) = m else { return ConnEnd::Shutdown };
+                    let batch = async {
+                        let mut slot = shared.writer.lock().await;
+                        let w = slot.as_mut().expect("writer slot set for this connection");
+                        // A call a caller began writing must be finished first.
+                        if let Some(tail) = w.carry.take() {
+                            w.wr.write_all(&tail).await?;
+                        }
+                        write_call(&mut w.wr, shared, xid, generation, frag).await?;
+                        while let Ok(xid) = rx.try_recv() {
+                            write_call(&mut w.wr, shared, xid, generation, frag).await?;
+                        }
+                        w.wr.flush().await
+                    };
+                    // A write can block forever on a black-holed peer; a reconnect
+                    // request or the reader's death must still get through.
+                    tokio::select! {
+                        r = batch => if let Err(e) = r { return ConnEnd::Failed(e.to_string()) },
+                        r = &mut *reader => return ConnEnd::Failed(reader_end(r)),
+                        _ = shared.reconnect.notified() => return ConnEnd::Failed("server not responding".into()),
+                    }
+                }
+            }
+        }
+    }
+    .await;
     *shared.writer.lock().await = None;
     end
 }
@@ -570,67 +623,6 @@ impl Drop for ClearWriterSlot<'_> {
         // A direct writer holds the lock only for one non-blocking write.
         if let Ok(mut slot) = self.0.writer.try_lock() {
             *slot = None;
-        }
-    }
-}
-
-async fn serve_writes(
-    shared: &ConnShared,
-    rx: &mut mpsc::UnboundedReceiver<u32>,
-    wr: OwnedWriteHalf,
-    reader: &mut JoinHandle<String>,
-    generation: u64,
-    cfg: &RpcConfig,
-) -> ConnEnd {
-    let mut outstanding: Vec<u32> = shared.pending.lock().keys().copied().collect();
-    outstanding.sort_unstable();
-    let frag = cfg.max_send_fragment;
-    let resend = async {
-        // The slot is published under the same guard as the resend, so no
-        // caller's direct write can start (and leave a tail) in between.
-        let mut slot = shared.writer.lock().await;
-        let w = slot.insert(WriterSlot {
-            wr: BufWriter::with_capacity(64 << 10, wr),
-            generation,
-            carry: None,
-        });
-        for xid in outstanding {
-            write_call(&mut w.wr, shared, xid, generation, frag).await?;
-        }
-        w.wr.flush().await
-    };
-    tokio::select! {
-        r = resend => if let Err(e) = r { return ConnEnd::Failed(e.to_string()) },
-        r = &mut *reader => return ConnEnd::Failed(reader_end(r)),
-    }
-    loop {
-        tokio::select! {
-            biased;
-            r = &mut *reader => return ConnEnd::Failed(reader_end(r)),
-            _ = shared.reconnect.notified() => return ConnEnd::Failed("server not responding".into()),
-            m = rx.recv() => {
-                let Some(xid) = m else { return ConnEnd::Shutdown };
-                let batch = async {
-                    let mut slot = shared.writer.lock().await;
-                    let w = slot.as_mut().expect("writer slot set for this connection");
-                    // A call a caller began writing must be finished first.
-                    if let Some(tail) = w.carry.take() {
-                        w.wr.write_all(&tail).await?;
-                    }
-                    write_call(&mut w.wr, shared, xid, generation, frag).await?;
-                    while let Ok(xid) = rx.try_recv() {
-                        write_call(&mut w.wr, shared, xid, generation, frag).await?;
-                    }
-                    w.wr.flush().await
-                };
-                // A write can block forever on a black-holed peer; a reconnect
-                // request or the reader's death must still get through.
-                tokio::select! {
-                    r = batch => if let Err(e) = r { return ConnEnd::Failed(e.to_string()) },
-                    r = &mut *reader => return ConnEnd::Failed(reader_end(r)),
-                    _ = shared.reconnect.notified() => return ConnEnd::Failed("server not responding".into()),
-                }
-            }
         }
     }
 }
