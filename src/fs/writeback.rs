@@ -250,7 +250,7 @@ impl WriteBack {
         fh: &FileHandle,
         cred: &Credential,
         offset: u64,
-        data: &[u8],
+        data: &Bytes,
         how: StableHow,
     ) -> Result<(WriteVerf, StableHow), FsError> {
         let mut done = 0usize;
@@ -259,7 +259,7 @@ impl WriteBack {
         while done < data.len() {
             let ok = self
                 .nfs
-                .write(cred, fh, offset + done as u64, &data[done..], how)
+                .write_bytes(cred, fh, offset + done as u64, data.slice(done..), how)
                 .await?;
             (self.wcc_sink)(ino, &ok.wcc);
             if ok.count == 0 {

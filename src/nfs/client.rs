@@ -3,9 +3,9 @@
 use nfs3_types::nfs3::{
     ACCESS3args, COMMIT3args, CREATE3args, FSINFO3args, FSSTAT3args, GETATTR3args, LINK3args,
     LOOKUP3args, MKDIR3args, MKNOD3args, PATHCONF3args, READ3args, READDIR3args, READDIRPLUS3args,
-    READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args,
-    cookieverf3, createhow3, diropargs3, filename3, mknoddata3, nfspath3, nfsstat3, nfstime3,
-    sattr3, symlinkdata3,
+    READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, cookieverf3,
+    createhow3, diropargs3, filename3, mknoddata3, nfspath3, nfsstat3, nfstime3, sattr3,
+    symlinkdata3,
 };
 use nfs3_types::xdr_codec::{Opaque, Pack, Void};
 
@@ -92,13 +92,7 @@ impl NfsClient {
             .rpc
             .call(NFS_PROGRAM, NFS_VERSION, proc, cred, args)
             .await?;
-        let status = decode_status(&mut r).map_err(RpcError::from)?;
-        if status == nfsstat3::NFS3_OK {
-            Ok(T::decode(&mut r).map_err(RpcError::from)?)
-        } else {
-            let detail = F::decode(&mut r).map_err(RpcError::from)?;
-            Err(Failure::Nfs { status, detail })
-        }
+        decode_result(&mut r)
     }
 
     pub async fn null(&self, cred: &Credential) -> Result<(), RpcError> {
@@ -201,7 +195,7 @@ impl NfsClient {
         self.call(6, cred, &args).await
     }
 
-    /// WRITE. `data` is encoded straight into the call record: one copy.
+    /// WRITE from a borrowed slice: copied once, into a buffer of the call's own.
     pub async fn write(
         &self,
         cred: &Credential,
@@ -210,14 +204,32 @@ impl NfsClient {
         data: &[u8],
         stable: StableHow,
     ) -> NfsResult<WriteOk, WccFail> {
-        let args = WRITE3args {
+        let data = bytes::Bytes::copy_from_slice(data);
+        self.write_bytes(cred, fh, offset, data, stable).await
+    }
+
+    /// WRITE. The data is sent from `data` itself, never copied into the call.
+    pub async fn write_bytes(
+        &self,
+        cred: &Credential,
+        fh: &FileHandle,
+        offset: u64,
+        data: bytes::Bytes,
+        stable: StableHow,
+    ) -> NfsResult<WriteOk, WccFail> {
+        // WRITE3args up to the data's length: the same bytes nfs3_types
+        // would produce, with the opaque's body sent from `data`.
+        let head = WriteHead {
             file: fh.to_nfs(),
             offset,
             count: data.len() as u32,
             stable: stable.to_nfs(),
-            data: Opaque::borrowed(data),
         };
-        self.call(7, cred, &args).await
+        let mut r = self
+            .rpc
+            .call_with_opaque((NFS_PROGRAM, NFS_VERSION, 7), cred, &head, data)
+            .await?;
+        decode_result(&mut r)
     }
 
     pub async fn create(
@@ -478,6 +490,90 @@ pub async fn readdirplus_all(
         if empty {
             // A server that returns no entries and no EOF would loop us forever.
             return Err(NfsError::Status(nfsstat3::NFS3ERR_SERVERFAULT));
+        }
+    }
+}
+
+/// The status, then the procedure's success or failure body.
+fn decode_result<T: Decode, F: Decode>(r: &mut crate::rpc::XdrReader) -> NfsResult<T, F> {
+    let status = decode_status(r).map_err(RpcError::from)?;
+    if status == nfsstat3::NFS3_OK {
+        Ok(T::decode(r).map_err(RpcError::from)?)
+    } else {
+        let detail = F::decode(r).map_err(RpcError::from)?;
+        Err(Failure::Nfs { status, detail })
+    }
+}
+
+/// WRITE3args without the data: file, offset, count, stable and the
+/// opaque's length (which equals count).
+struct WriteHead {
+    file: nfs3_types::nfs3::nfs_fh3,
+    offset: u64,
+    count: u32,
+    stable: nfs3_types::nfs3::stable_how,
+}
+
+impl Pack for WriteHead {
+    fn packed_size(&self) -> usize {
+        self.file.packed_size() + 8 + 4 + self.stable.packed_size() + 4
+    }
+
+    fn pack(&self, out: &mut impl std::io::Write) -> nfs3_types::xdr_codec::Result<usize> {
+        Ok(self.file.pack(out)?
+            + self.offset.pack(out)?
+            + self.count.pack(out)?
+            + self.stable.pack(out)?
+            + self.count.pack(out)?)
+    }
+}
+
+#[cfg(test)]
+mod write_encoding_tests {
+    use nfs3_types::nfs3::WRITE3args;
+
+    use super::*;
+    use crate::rpc::transport::CallBody;
+
+    /// The split encoding (head, then the caller's buffer, then padding)
+    /// must put the same bytes on the wire as nfs3_types' WRITE3args, for
+    /// every padding length, and any range of it must read back in order.
+    #[test]
+    fn split_write_matches_nfs3_types_encoding() {
+        let fh = FileHandle::new(vec![7; 28]).unwrap();
+        for len in [0usize, 1, 2, 3, 4, 5, 1023] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut expected = Vec::new();
+            WRITE3args {
+                file: fh.to_nfs(),
+                offset: 1 << 33,
+                count: len as u32,
+                stable: StableHow::Unstable.to_nfs(),
+                data: Opaque::borrowed(&data),
+            }
+            .pack(&mut expected)
+            .unwrap();
+            let head = WriteHead {
+                file: fh.to_nfs(),
+                offset: 1 << 33,
+                count: len as u32,
+                stable: StableHow::Unstable.to_nfs(),
+            };
+            let mut h = Vec::new();
+            assert_eq!(head.pack(&mut h).unwrap(), head.packed_size());
+            let body = CallBody::with_opaque(h.into(), data.into());
+            assert_eq!(body.len(), expected.len(), "length {len}");
+            let whole: Vec<u8> = body.slices(0..body.len()).flatten().copied().collect();
+            assert_eq!(whole, expected, "length {len}");
+            for (a, b) in [
+                (0, 1),
+                (3, 40),
+                (40, body.len()),
+                (body.len() / 2, body.len()),
+            ] {
+                let part: Vec<u8> = body.slices(a..b).flatten().copied().collect();
+                assert_eq!(part, expected[a..b], "length {len}, bytes {a}..{b}");
+            }
         }
     }
 }

@@ -86,16 +86,24 @@ impl RecordDecoder {
 /// empty record is one empty last fragment). The slices borrow the payload,
 /// so a sender can write them without copying.
 pub fn fragments(payload: &[u8], max_fragment: usize) -> impl Iterator<Item = ([u8; 4], &[u8])> {
+    fragment_bounds(payload.len(), max_fragment).map(move |(header, r)| (header, &payload[r]))
+}
+
+/// [`fragments`] as byte ranges of a payload of `len` bytes, for payloads
+/// held in several buffers.
+pub fn fragment_bounds(
+    len: usize,
+    max_fragment: usize,
+) -> impl Iterator<Item = ([u8; 4], std::ops::Range<usize>)> {
     let max_fragment = max_fragment.clamp(1, LENGTH_MASK as usize);
-    let count = payload.len().div_ceil(max_fragment).max(1);
+    let count = len.div_ceil(max_fragment).max(1);
     (0..count).map(move |k| {
-        let chunk = &payload
-            [(k * max_fragment).min(payload.len())..((k + 1) * max_fragment).min(payload.len())];
-        let mut header = chunk.len() as u32;
+        let range = (k * max_fragment).min(len)..((k + 1) * max_fragment).min(len);
+        let mut header = range.len() as u32;
         if k + 1 == count {
             header |= LAST_FRAGMENT;
         }
-        (header.to_be_bytes(), chunk)
+        (header.to_be_bytes(), range)
     })
 }
 

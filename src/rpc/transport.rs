@@ -103,8 +103,53 @@ impl Drop for Conn {
     }
 }
 
+/// A call's encoded bytes: header and arguments, then optionally bulk data
+/// kept in the caller's own buffer, and its XDR padding. A WRITE's data is
+/// thus never copied into the call, nor held twice while the call is out.
+#[derive(Clone, Default)]
+pub struct CallBody {
+    parts: [Bytes; 3],
+}
+
+impl CallBody {
+    pub fn new(head: Bytes) -> Self {
+        Self {
+            parts: [head, Bytes::new(), Bytes::new()],
+        }
+    }
+
+    /// `head` ends with the XDR length of `data`, which follows it as an
+    /// opaque; the padding to a multiple of four is added here.
+    pub fn with_opaque(head: Bytes, data: Bytes) -> Self {
+        static ZEROS: [u8; 3] = [0; 3];
+        let pad = (4 - data.len() % 4) % 4;
+        Self {
+            parts: [head, data, Bytes::from_static(&ZEROS[..pad])],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The slices that hold bytes `range` of the body, in order.
+    pub fn slices(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.parts.iter().filter_map(move |p| {
+            let (from, to) = (start, start + p.len());
+            start = to;
+            let (a, b) = (range.start.max(from), range.end.min(to));
+            (a < b).then(|| &p[a - from..b - from])
+        })
+    }
+}
+
 struct Pending {
-    payload: Bytes,
+    payload: CallBody,
     reply: Option<oneshot::Sender<Result<Bytes, RpcError>>>,
     /// Connection generation this call was last written on (0: never).
     sent_gen: u64,
@@ -246,19 +291,37 @@ impl RpcClient {
         args: &A,
     ) -> Result<XdrReader, RpcError> {
         let xid = self.inner.next_xid.fetch_add(1, Ordering::Relaxed);
-        let mut payload = Vec::with_capacity(64 + args.packed_size());
-        payload.put_u32(xid);
-        payload.put_u32(0); // CALL
-        payload.put_u32(2); // RPC version
-        payload.put_u32(prog);
-        payload.put_u32(vers);
-        payload.put_u32(proc);
-        cred.encode(&mut payload);
-        args.pack(&mut payload).map_err(|e| RpcError::GarbageArgs {
-            what: format!("program {prog} procedure {proc} (cannot encode: {e})"),
-        })?;
+        let head = encode_call(xid, prog, vers, proc, cred, args)?;
+        self.call_body(xid, CallBody::new(head), prog, vers, proc)
+            .await
+    }
+
+    /// Like [`RpcClient::call`], for arguments that end in one opaque: `args`
+    /// encode everything before it, including its length, and `data` is
+    /// sent from the caller's buffer without a copy.
+    pub async fn call_with_opaque<A: Pack>(
+        &self,
+        (prog, vers, proc): (u32, u32, u32),
+        cred: &Credential,
+        args: &A,
+        data: Bytes,
+    ) -> Result<XdrReader, RpcError> {
+        let xid = self.inner.next_xid.fetch_add(1, Ordering::Relaxed);
+        let head = encode_call(xid, prog, vers, proc, cred, args)?;
+        self.call_body(xid, CallBody::with_opaque(head, data), prog, vers, proc)
+            .await
+    }
+
+    async fn call_body(
+        &self,
+        xid: u32,
+        body: CallBody,
+        prog: u32,
+        vers: u32,
+        proc: u32,
+    ) -> Result<XdrReader, RpcError> {
         let record = self
-            .call_raw(xid, Bytes::from(payload), || {
+            .call_raw(xid, body, || {
                 format!("program {prog} v{vers} procedure {proc}")
             })
             .await?;
@@ -268,7 +331,7 @@ impl RpcClient {
     async fn call_raw(
         &self,
         xid: u32,
-        payload: Bytes,
+        payload: CallBody,
         what: impl Fn() -> String,
     ) -> Result<Bytes, RpcError> {
         let inner = &*self.inner;
@@ -356,6 +419,29 @@ impl RpcClient {
     }
 }
 
+/// The call header, credentials and arguments of one call.
+fn encode_call<A: Pack>(
+    xid: u32,
+    prog: u32,
+    vers: u32,
+    proc: u32,
+    cred: &Credential,
+    args: &A,
+) -> Result<Bytes, RpcError> {
+    let mut payload = Vec::with_capacity(64 + args.packed_size());
+    payload.put_u32(xid);
+    payload.put_u32(0); // CALL
+    payload.put_u32(2); // RPC version
+    payload.put_u32(prog);
+    payload.put_u32(vers);
+    payload.put_u32(proc);
+    cred.encode(&mut payload);
+    args.pack(&mut payload).map_err(|e| RpcError::GarbageArgs {
+        what: format!("program {prog} procedure {proc} (cannot encode: {e})"),
+    })?;
+    Ok(Bytes::from(payload))
+}
+
 struct PendingGuard<'a> {
     shared: &'a ConnShared,
     xid: u32,
@@ -387,12 +473,11 @@ impl ConnShared {
             ),
             _ => return false,
         };
-        let header = (payload.len() as u32 | 0x8000_0000).to_be_bytes();
-        let record = [
-            std::io::IoSlice::new(&header),
-            std::io::IoSlice::new(&payload),
-        ];
-        let total = header.len() + payload.len();
+        let total_body = payload.len();
+        let header = (total_body as u32 | 0x8000_0000).to_be_bytes();
+        let mut record = vec![std::io::IoSlice::new(&header)];
+        record.extend(payload.slices(0..total_body).map(std::io::IoSlice::new));
+        let total = header.len() + total_body;
         match w.wr.get_ref().try_write_vectored(&record) {
             Ok(n) if n > 0 => {
                 self.stats.calls_sent.fetch_add(1, Ordering::Relaxed);
@@ -401,7 +486,9 @@ impl ConnShared {
                     self.stats.carried_tails.fetch_add(1, Ordering::Relaxed);
                     let mut tail = BytesMut::with_capacity(total - n);
                     tail.extend_from_slice(&header[n.min(4)..]);
-                    tail.extend_from_slice(&payload[n.saturating_sub(4)..]);
+                    for part in payload.slices(n.saturating_sub(4)..total_body) {
+                        tail.extend_from_slice(part);
+                    }
                     w.carry = Some(tail.freeze());
                     return false; // the driver's wake writes the tail
                 }
@@ -653,9 +740,11 @@ async fn write_call(
     shared.stats.calls_sent.fetch_add(1, Ordering::Relaxed);
     // Record marks are written around slices of the payload, so splitting a
     // large call into fragments costs no copy.
-    for (header, chunk) in super::record::fragments(&payload, max_fragment) {
+    for (header, range) in super::record::fragment_bounds(payload.len(), max_fragment) {
         wr.write_all(&header).await?;
-        wr.write_all(chunk).await?;
+        for chunk in payload.slices(range) {
+            wr.write_all(chunk).await?;
+        }
     }
     Ok(())
 }
