@@ -178,7 +178,9 @@ async fn upload(src: &str, dst: &NfsSource, opts: &MountOptions) -> anyhow::Resu
             input.read_exact_at(&mut buf, next)?;
             let (nfs, fh, c, at) = (s.nfs.clone(), fh.clone(), c.clone(), next);
             inflight.push_back(async move {
-                let r = nfs.write(&c, &fh, at, &buf, StableHow::Unstable).await;
+                let r = nfs
+                    .write_bytes(&c, &fh, at, buf.into(), StableHow::Unstable)
+                    .await;
                 (at, n, r)
             });
             next += n as u64;
