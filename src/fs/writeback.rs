@@ -215,7 +215,13 @@ impl WriteBack {
     /// COMMITted later), durable, or a sticky error.
     async fn send_gather(&self, ino: u64, file: &FileWrites, g: Gather, how: StableHow) {
         let cred = file.state.lock().cred.clone().unwrap_or(Credential::None);
-        let data = g.buf.freeze();
+        // A short chunk (a small file, a gather that aged out) must not pin
+        // a whole wsize allocation until COMMIT: the budget counts bytes.
+        let data = if g.buf.len() * 2 < g.buf.capacity() {
+            Bytes::copy_from_slice(&g.buf)
+        } else {
+            g.buf.freeze()
+        };
         let result = self
             .send_chunk(ino, &file.fh, &cred, g.offset, &data, how)
             .await;

@@ -475,8 +475,11 @@ impl ConnShared {
         };
         let total_body = payload.len();
         let header = (total_body as u32 | 0x8000_0000).to_be_bytes();
-        let mut record = vec![std::io::IoSlice::new(&header)];
-        record.extend(payload.slices(0..total_body).map(std::io::IoSlice::new));
+        let mut record = [std::io::IoSlice::new(&[]); 4];
+        record[0] = std::io::IoSlice::new(&header);
+        for (slot, part) in record[1..].iter_mut().zip(payload.slices(0..total_body)) {
+            *slot = std::io::IoSlice::new(part);
+        }
         let total = header.len() + total_body;
         match w.wr.get_ref().try_write_vectored(&record) {
             Ok(n) if n > 0 => {
@@ -765,7 +768,9 @@ async fn read_replies(mut rd: OwnedReadHalf, shared: Arc<ConnShared>, max_record
                 Err(e) => return e.to_string(),
             }
         }
-        if buf.capacity() - buf.len() < (32 << 10) {
+        // Inside a record the decoder has made room for the whole fragment;
+        // only between records is there a buffer to provide.
+        if buf.len() < 4 && buf.capacity() - buf.len() < BOUNDARY_READ as usize {
             buf.reserve(256 << 10);
         }
         // Between records the next one's size is unknown. Read at most a
