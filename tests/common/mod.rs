@@ -117,7 +117,11 @@ impl FuseMount {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("mnt");
         std::fs::create_dir(&dir).unwrap();
-        let (rd, wr): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+        // Close-on-exec, cleared in our child alone: a mount another test
+        // starts at the same moment must not inherit this write end, or
+        // each test waits for EOF on a pipe the other's child holds open.
+        let (rd, wr): (OwnedFd, OwnedFd) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let wr_fd = wr.as_raw_fd();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_csi-nfs-fuse"));
         cmd.arg("mount")
@@ -129,6 +133,16 @@ impl FuseMount {
             cmd.arg("-o").arg(opts);
         }
         cmd.stderr(std::process::Stdio::piped());
+        // SAFETY: runs in the forked child before exec; fcntl is
+        // async-signal-safe and nothing allocates.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::fcntl(wr_fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().map_err(|e| e.to_string())?;
         drop(wr);
         let mut line = String::new();
