@@ -451,9 +451,10 @@ impl ConnShared {
     /// Writes a small call straight to the socket from the caller's thread
     /// when the connection is up and no one else is writing. This saves
     /// waking the driver task, which on a request from a FUSE thread is a
-    /// cross-thread wake-up per call. Returns false (nothing written) when
-    /// the driver must send it instead. A tail the socket did not take is
-    /// left for the driver to write first.
+    /// cross-thread wake-up per call. Returns false when the driver still
+    /// has work for this call: nothing was written (it sends the call), or
+    /// the socket took only part of it (it writes the tail before any other
+    /// byte).
     fn send_direct(&self, xid: u32) -> bool {
         let Ok(mut slot) = self.writer.try_lock() else {
             return false;
