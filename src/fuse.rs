@@ -1,8 +1,8 @@
-//! The thin fuser adapter: each request is answered from a tokio task, so a
-//! slow NFS call never holds up other requests, and errors become errno in
-//! one place ([`crate::fs::errno`]). Each request is first polled on the
-//! FUSE thread itself, so what the caches answer needs no other thread
-//! ([`FuseAdapter::answer`]).
+//! The thin fuser adapter. Each request is first polled on the FUSE thread
+//! that read it, so what the caches answer needs no other thread; one that
+//! has to wait is finished by a tokio task, so a slow NFS call never holds
+//! up other requests ([`FuseAdapter::answer`]). Errors become errno in one
+//! place ([`crate::fs::errno`]).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;

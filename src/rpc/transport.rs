@@ -2,8 +2,10 @@
 //!
 //! Shaped like tokio-postgres' `Client`/`Connection` split: [`RpcClient`] is a
 //! cheap cloneable handle; each of its `nconnect` connections is driven by one
-//! task that owns the write half (and reconnects), plus a reader task that
-//! reassembles records and routes replies to callers by XID. Calls keep their
+//! task that writes calls (and reconnects), plus a reader task that
+//! reassembles records and routes replies to callers by XID. A small call
+//! is written by its caller instead when the socket is idle
+//! ([`ConnShared::send_direct`]). Calls keep their
 //! encoded payload until answered, so after a reconnect every outstanding call
 //! is sent again with the same XID and the server's duplicate-request cache
 //! can recognise it.
