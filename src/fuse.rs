@@ -1,7 +1,7 @@
 //! The thin fuser adapter. Each request is first polled on the FUSE thread
 //! that read it, so what the caches answer needs no other thread; one that
 //! has to wait is finished by a tokio task, so a slow NFS call never holds
-//! up other requests ([`FuseAdapter::answer`]). Errors become errno in one
+//! up other requests (`FuseAdapter::answer`). Errors become errno in one
 //! place ([`crate::fs::errno`]).
 
 use std::ffi::OsStr;

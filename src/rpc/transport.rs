@@ -5,7 +5,7 @@
 //! task that writes calls (and reconnects), plus a reader task that
 //! reassembles records and routes replies to callers by XID. A small call
 //! is written by its caller instead when the socket is idle
-//! ([`ConnShared::send_direct`]). Calls keep their
+//! (`ConnShared::send_direct`). Calls keep their
 //! encoded payload until answered, so after a reconnect every outstanding call
 //! is sent again with the same XID and the server's duplicate-request cache
 //! can recognise it.
@@ -163,7 +163,7 @@ struct ConnShared {
     addr: SocketAddr,
     pending: Mutex<HashMap<u32, Pending>>,
     /// The live connection's write side, shared by the driver task and
-    /// callers that write a small call themselves ([`ConnShared::send_direct`]).
+    /// callers that write a small call themselves (`ConnShared::send_direct`).
     /// `None` while disconnected.
     writer: tokio::sync::Mutex<Option<WriterSlot>>,
     /// Largest call a caller may write itself: one fragment, small enough to fit
