@@ -454,13 +454,20 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         let (fs, c) = (self.fs.clone(), caller(req));
+        // The descriptor's current flags: fcntl(F_SETFL) may have changed them.
+        let direct = flags.0 & libc::O_DIRECT != 0;
         self.answer(async move {
-            match fs.read(&c, ino.0, fh.0, offset, size).await {
+            let data = if direct {
+                fs.read_uncached(&c, ino.0, offset, size).await
+            } else {
+                fs.read(&c, ino.0, fh.0, offset, size).await
+            };
+            match data {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(e)),
             }
@@ -475,13 +482,19 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let (fs, c, data) = (self.fs.clone(), caller(req), data.to_vec());
+        let direct = flags.0 & libc::O_DIRECT != 0;
         self.answer(async move {
-            match fs.write(&c, ino.0, offset, data).await {
+            let written = if direct {
+                fs.write_through(&c, ino.0, offset, data).await
+            } else {
+                fs.write(&c, ino.0, offset, data).await
+            };
+            match written {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
             }

@@ -112,6 +112,59 @@ async fn sequential_reads_fill_a_bounded_cache_and_prefetch_random_reads_do_not(
     let _ = h2;
 }
 
+/// O_DIRECT means what it means on the kernel client: a read goes to the
+/// server even when the block is cached, and a write is on the server before
+/// it returns. Two clients of one server show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn o_direct_reads_and_writes_skip_the_cache() {
+    let size = 2 << 20;
+    let mut cfg = MemFsConfig::default();
+    cfg.add_file("/f", content(size));
+    let port = start_memfs(cfg).await;
+    let client = |opts: &'static str| async move {
+        NfsFs::new(
+            mount_memfs(port, RpcConfig::default()).await,
+            FsConfig::from_options(&MountOptions::parse(opts).unwrap()),
+        )
+    };
+    // Long attribute lifetimes: only O_DIRECT can make the reader see the
+    // other client's write in time.
+    let (reader, writer) = (client("actimeo=600").await, client("").await);
+    let who = Caller::root();
+    let r = reader.lookup(&who, ROOT_INO, b"f").await.unwrap();
+    let rh = reader.open(&who, r.ino, libc::O_RDONLY).await.unwrap().fh;
+    for i in 0..2u64 {
+        reader
+            .read(&who, r.ino, rh, i << 20, 1 << 20)
+            .await
+            .unwrap();
+    }
+    assert!(
+        reader.cache_stats().blocks > 0,
+        "the reader cached the file"
+    );
+
+    let w = writer.lookup(&who, ROOT_INO, b"f").await.unwrap();
+    writer.open(&who, w.ino, libc::O_RDWR).await.unwrap();
+    let n = writer
+        .write_through(&who, w.ino, 100, b"CHANGED".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(n, 7);
+    // No flush, fsync or close: the write itself reached the server.
+    let before = calls(&reader);
+    let got = reader.read_uncached(&who, r.ino, 98, 11).await.unwrap();
+    assert_eq!(&got[..2], &content(size)[98..100]);
+    assert_eq!(&got[2..9], b"CHANGED");
+    assert!(
+        calls(&reader) > before,
+        "the O_DIRECT read asked the server"
+    );
+    // The cached path still holds the old bytes: what O_DIRECT went around.
+    let cached = reader.read(&who, r.ino, rh, 100, 7).await.unwrap();
+    assert_eq!(&cached[..], &content(size)[100..107]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_invalidate_cached_blocks() {
     let fs = fs_with(&[("/f", 3 << 20)], "").await;

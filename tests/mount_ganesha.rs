@@ -240,6 +240,59 @@ fn two_mounts_see_each_others_changes_after_close_and_reopen() {
     assert_eq!(fs::read(a.path("shared")).unwrap(), b"v3");
 }
 
+/// One 4 KiB block aligned for O_DIRECT.
+#[repr(align(4096))]
+struct Block([u8; 4096]);
+
+/// O_DIRECT on one mount is seen at once by O_DIRECT on another, though
+/// both caches hold the old bytes and attributes live for ten minutes: the
+/// write is on the server before it returns, the read asks the server.
+#[test]
+fn o_direct_writes_and_reads_meet_on_the_server_at_once() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let Some(g) = ganesha() else { return };
+    let (a, _server) = g.fuse_mount("odirect", "actimeo=600");
+    let b = FuseMount::start(
+        &g.source(&format!("t-odirect-{}", std::process::id())),
+        "actimeo=600",
+    )
+    .unwrap();
+    fs::write(a.path("f"), pattern(1, 8192)).unwrap();
+    let cached = fs::File::open(a.path("f")).unwrap();
+    let mut old = vec![0u8; 8192];
+    cached.read_exact_at(&mut old, 0).unwrap();
+    // Opened before the other mount writes, so no open can notice it.
+    let direct = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(a.path("f"))
+        .unwrap();
+
+    let writer = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(b.path("f"))
+        .unwrap();
+    let mut block = Block([0; 4096]);
+    block.0.copy_from_slice(&pattern(2, 4096));
+    assert_eq!(writer.write_at(&block.0, 4096).unwrap(), 4096);
+
+    let mut got = Block([0; 4096]);
+    assert_eq!(direct.read_at(&mut got.0, 4096).unwrap(), 4096);
+    assert!(
+        got.0 == pattern(2, 4096)[..],
+        "O_DIRECT read missed the O_DIRECT write"
+    );
+    let mut via_cache = vec![0u8; 4096];
+    cached.read_exact_at(&mut via_cache, 4096).unwrap();
+    assert_eq!(
+        via_cache,
+        old[4096..],
+        "the cached descriptor still has the old bytes"
+    );
+    drop(writer);
+}
+
 #[test]
 fn mount_errors_are_clear_and_leave_nothing_behind() {
     let Some(g) = ganesha() else { return };

@@ -1273,6 +1273,28 @@ impl NfsFs {
         }
     }
 
+    /// READ for a descriptor opened O_DIRECT: from the server, never from
+    /// the page cache and with no readahead, as the kernel client does, so
+    /// the reader sees another client's write at once (what O_DIRECT users
+    /// on NFS, databases above all, rely on).
+    pub async fn read_uncached(
+        &self,
+        c: &Caller,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, FsError> {
+        if self.writeback.is_dirty(ino) {
+            self.writeback.drain(ino).await?;
+        }
+        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
+        if size == 0 {
+            return Ok(Bytes::new());
+        }
+        self.read_direct(&self.cred(c), ino, &inode.fh, offset, size)
+            .await
+    }
+
     async fn read_direct(
         &self,
         cred: &Credential,
@@ -1333,6 +1355,21 @@ impl NfsFs {
             .write(ino, &inode.fh, &self.cred(c), offset, data)
             .await?;
         Ok(len)
+    }
+
+    /// WRITE for a descriptor opened O_DIRECT: on the server and committed
+    /// before it returns, as the kernel client's direct I/O is, so another
+    /// client reads it at once and no error waits for close.
+    pub async fn write_through(
+        &self,
+        c: &Caller,
+        ino: u64,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<u32, FsError> {
+        let n = self.write(c, ino, offset, data).await?;
+        self.writeback.flush(ino).await?;
+        Ok(n)
     }
 
     /// close(2) of one descriptor: make the data durable and report errors.
