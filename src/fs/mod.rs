@@ -1357,9 +1357,9 @@ impl NfsFs {
         Ok(len)
     }
 
-    /// WRITE for a descriptor opened O_DIRECT: on the server and committed
-    /// before it returns, as the kernel client's direct I/O is, so another
-    /// client reads it at once and no error waits for close.
+    /// WRITE for a descriptor opened O_DIRECT: durable on the server before
+    /// it returns, as the kernel client's direct I/O is, so another client
+    /// reads it at once and its error is this write's to report.
     pub async fn write_through(
         &self,
         c: &Caller,
@@ -1367,9 +1367,15 @@ impl NfsFs {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<u32, FsError> {
-        let n = self.write(c, ino, offset, data).await?;
-        self.writeback.flush(ino).await?;
-        Ok(n)
+        self.writable()?;
+        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
+        self.pages
+            .invalidate_range(inode.cache_gen, offset, offset + data.len() as u64);
+        let len = data.len() as u32;
+        self.writeback
+            .write_sync(ino, &inode.fh, &self.cred(c), offset, Bytes::from(data))
+            .await?;
+        Ok(len)
     }
 
     /// close(2) of one descriptor: make the data durable and report errors.

@@ -280,6 +280,39 @@ impl WriteBack {
         Ok((verf, weakest))
     }
 
+    /// An O_DIRECT write, sent as the kernel client sends one: after
+    /// everything buffered before it (so it lands last), FILE_SYNC in wsize
+    /// pieces, and answered by its own outcome alone. Other descriptors'
+    /// uncommitted data and saved errors stay for their own close.
+    pub async fn write_sync(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: &FileHandle,
+        cred: &Credential,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), FsError> {
+        if self.is_dirty(ino) {
+            self.drain(ino).await?;
+        }
+        let mut at = 0;
+        while at < data.len() {
+            let n = (data.len() - at).min(self.wsize);
+            let piece = data.slice(at..at + n);
+            self.send_chunk(
+                ino,
+                fh,
+                cred,
+                offset + at as u64,
+                &piece,
+                StableHow::FileSync,
+            )
+            .await?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Sends gathered data and waits until nothing is in flight.
     pub async fn drain(self: &Arc<Self>, ino: u64) -> Result<(), FsError> {
         self.drain_as(ino, false).await
@@ -357,7 +390,9 @@ impl WriteBack {
             return result;
         };
         let mut s = file.state.lock();
-        let sticky = s.error.take();
+        // A saved error is taken only when it is the one reported: after a
+        // failed COMMIT it waits for the next flush, fsync or write.
+        let sticky = if result.is_ok() { s.error.take() } else { None };
         if s.gather.is_none() && s.inflight == 0 && s.uncommitted.is_empty() {
             s.end = 0;
         }
