@@ -13,6 +13,14 @@
 # server's memory, so the row compares clients, not disk seeks), create / ls -l / rm of
 # 10,000 empty files, untar of a 5,800-entry 72 MiB tree; then the mount
 # process's peak RSS with 4 parallel readers.
+#
+# A last column runs the same steps on the export directory itself ("server
+# fs"): what the server's file system costs with no NFS or FUSE at all. On
+# this VM it matters: the root ext4 has no journal, so its inode allocator
+# checks each free inode's deletion time (fs/ext4/ialloc.c, recently_deleted)
+# and 10,000 local creates take 1-4 s depending on what was deleted before.
+# Runs interleave the kinds, and the script prints every run and the CPU
+# share the hypervisor stole during each kind's timed steps.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
@@ -44,6 +52,12 @@ now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", b - a}'; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mibs() { awk -v n="$1" -v t="$2" 'BEGIN {printf "%.0f", n / t}'; }
+# CPU ticks stolen by the hypervisor, and all ticks, over both cores.
+cpu_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t}' /proc/stat; }
+
+# target KIND: where KIND's steps run. "local" is the export directory itself,
+# on the server's own file system: the floor no NFS client can go below.
+target() { [[ $1 == local ]] && echo "$export_dir/bench-local" || echo "$MNT"; }
 
 # mount_kind KIND: mounts csi-nfs-fuse or bindfs on $MNT over $export_dir/bench-KIND
 mount_kind() {
@@ -52,10 +66,23 @@ mount_kind() {
     case $1 in
         csi-nfs-fuse) "$BIN" mount "$URL/bench-$1" "$MNT" --daemon -o "allow_other${OPTS:+,$OPTS}" ;;
         bindfs) bindfs --no-allow-other "$export_dir/bench-$1" "$MNT" ;;
+        local) ;;
     esac
 }
 
-timed() { local s; s=$(now); "$@" >/dev/null 2>&1; secs "$s" "$(now)"; }
+# timed KIND CMD...: prints CMD's wall time in seconds, and logs the share of
+# CPU the hypervisor stole meanwhile (this VM's neighbours can take 40% of it,
+# which slows every step that waits on a wake-up) to $WORK/steal.
+timed() {
+    local kind=$1 s st0 t0 st1 t1
+    shift
+    read -r st0 t0 < <(cpu_ticks)
+    s=$(now)
+    "$@" >/dev/null 2>&1
+    secs "$s" "$(now)"
+    read -r st1 t1 < <(cpu_ticks)
+    echo "$kind $((st1 - st0)) $((t1 - t0))" >>"$WORK/steal"
+}
 
 # A deterministic tree: 400 directories, 5,400 files, about 72 MiB.
 python3 - "$WORK/tree" <<'PY'
@@ -73,30 +100,48 @@ TAR_ENTRIES=$(tar -tf "$WORK/tree.tar" | wc -l)
 TAR_MIB=$(du -m "$WORK/tree.tar" | cut -f1)
 rm -rf "$WORK/tree"
 
-declare -A R
-for kind in csi-nfs-fuse bindfs; do
-    w=(); cr=(); wr=(); c=(); l=(); d=(); u=()
-    for ((i = 0; i < RUNS; i++)); do
-        mount_kind "$kind"
-        w+=("$(timed dd if=/dev/zero of="$MNT/seq" bs=1M count="$SIZE_MIB" conv=fsync)")
-        mount_kind "$kind"; drop
-        cr+=("$(timed dd if="$MNT/seq" of=/dev/null bs=1M)")
-        wr+=("$(timed dd if="$MNT/seq" of=/dev/null bs=1M)")
-        mkdir "$MNT/meta"
-        c+=("$(timed bash -c "cd '$MNT/meta' && for i in \$(seq 1 10000); do : > f\$i; done")")
-        mount_kind "$kind"
-        l+=("$(timed ls -l "$MNT/meta")")
-        d+=("$(timed rm -rf "$MNT/meta")")
-        u+=("$(timed tar -C "$MNT" -xf "$WORK/tree.tar")")
-        rm -rf "$MNT/tree"
+# ALL[KIND.ROW] holds every run's figure, in run order.
+declare -A R ALL
+KINDS=(csi-nfs-fuse libnfs bindfs local)
+dd if=/dev/zero of=/dev/shm/bench-src bs=1M count="$SIZE_MIB" status=none
+one_run() {
+    local kind=$1 dir
+    if [[ $kind == libnfs ]]; then
+        rm -f "$export_dir/bench-libnfs"
+        ALL[libnfs.w]+=" $(timed libnfs nfs-cp /dev/shm/bench-src "$URL/bench-libnfs")"
+        drop
+        ALL[libnfs.cr]+=" $(timed libnfs nfs-cat "$URL/bench-libnfs")"
+        ALL[libnfs.wr]+=" $(timed libnfs nfs-cat "$URL/bench-libnfs")"
+        return
+    fi
+    dir=$(target "$kind")
+    mount_kind "$kind"
+    ALL[$kind.w]+=" $(timed "$kind" dd if=/dev/zero of="$dir/seq" bs=1M count="$SIZE_MIB" conv=fsync)"
+    mount_kind "$kind"; drop
+    ALL[$kind.cr]+=" $(timed "$kind" dd if="$dir/seq" of=/dev/null bs=1M)"
+    ALL[$kind.wr]+=" $(timed "$kind" dd if="$dir/seq" of=/dev/null bs=1M)"
+    mkdir "$dir/meta"
+    ALL[$kind.c]+=" $(timed "$kind" bash -c "cd '$dir/meta' && for i in \$(seq 1 10000); do : > f\$i; done")"
+    mount_kind "$kind"
+    ALL[$kind.l]+=" $(timed "$kind" ls -l "$dir/meta")"
+    ALL[$kind.d]+=" $(timed "$kind" rm -rf "$dir/meta")"
+    ALL[$kind.u]+=" $(timed "$kind" tar -C "$dir" -xf "$WORK/tree.tar")"
+    rm -rf "$dir/tree"
+}
+# Runs interleave the kinds, so a slow spell of the VM (steal, the server's
+# own writeback) lands on all of them rather than on one kind's runs.
+for ((i = 0; i < RUNS; i++)); do
+    for kind in "${KINDS[@]}"; do one_run "$kind"; done
+done
+rm -f /dev/shm/bench-src
+for kind in "${KINDS[@]}"; do
+    for row in w cr wr c l d u; do
+        [[ -n ${ALL[$kind.$row]:-} ]] || { R[$kind.$row]=-; continue; }
+        v=$(printf '%s\n' ${ALL[$kind.$row]} | median)
+        case $row in w | cr | wr) R[$kind.$row]=$(mibs "$SIZE_MIB" "$v") ;; *) R[$kind.$row]=$v ;; esac
     done
-    R[$kind.w]=$(mibs "$SIZE_MIB" "$(printf '%s\n' "${w[@]}" | median)")
-    R[$kind.cr]=$(mibs "$SIZE_MIB" "$(printf '%s\n' "${cr[@]}" | median)")
-    R[$kind.wr]=$(mibs "$SIZE_MIB" "$(printf '%s\n' "${wr[@]}" | median)")
-    R[$kind.c]=$(printf '%s\n' "${c[@]}" | median)
-    R[$kind.l]=$(printf '%s\n' "${l[@]}" | median)
-    R[$kind.d]=$(printf '%s\n' "${d[@]}" | median)
-    R[$kind.u]=$(printf '%s\n' "${u[@]}" | median)
+done
+for kind in csi-nfs-fuse bindfs; do
     # Random reads measure the client, not the disk: every peer reads a file
     # the server holds in memory (dropped caches would make all of them
     # wait on the same random disk reads). Our own cache is empty: fresh mount.
@@ -114,37 +159,39 @@ for kind in csi-nfs-fuse bindfs; do
         R[rss]=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
     fi
 done
+R[local.r1]=-; R[local.r4]=-
 
-# libnfs peers on the same export.
-w=(); cr=(); wr=()
-dd if=/dev/zero of=/dev/shm/bench-src bs=1M count="$SIZE_MIB" status=none
-for ((i = 0; i < RUNS; i++)); do
-    rm -f "$export_dir/bench-libnfs"
-    w+=("$(timed nfs-cp /dev/shm/bench-src "$URL/bench-libnfs")")
-    drop
-    cr+=("$(timed nfs-cat "$URL/bench-libnfs")")
-    wr+=("$(timed nfs-cat "$URL/bench-libnfs")")
-done
-rm -f /dev/shm/bench-src
-R[libnfs.w]=$(mibs "$SIZE_MIB" "$(printf '%s\n' "${w[@]}" | median)")
-R[libnfs.cr]=$(mibs "$SIZE_MIB" "$(printf '%s\n' "${cr[@]}" | median)")
-R[libnfs.wr]=$(mibs "$SIZE_MIB" "$(printf '%s\n' "${wr[@]}" | median)")
+# The libnfs random-read program on the same export.
 drop; warm_server "$export_dir/bench-libnfs"
 R[libnfs.r1]=$("$WORK/libnfs-randread" 127.0.0.1 "$export_path" /bench-libnfs 10 1)
 R[libnfs.r4]=$("$WORK/libnfs-randread" 127.0.0.1 "$export_path" /bench-libnfs 10 4)
 
 printf '\ncsi-nfs-fuse mount benchmark: %s MiB files, medians of %s runs; %s, %s cores, kernel %s, %s\n' \
     "$SIZE_MIB" "$RUNS" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$(nproc)" "$(uname -r)" \
-    "$(ganesha.nfsd -v 2>&1 | grep -oE 'Release [^ ]+' | head -n1)"
-printf '%-44s %14s %14s %14s\n' workload csi-nfs-fuse "libnfs" "bindfs (local)"
-row() { printf '%-44s %14s %14s %14s\n' "$1" "$2" "$3" "$4"; }
-row "seq write ${SIZE_MIB} MiB + fsync (MiB/s)" "${R[csi-nfs-fuse.w]}" "${R[libnfs.w]} (nfs-cp)" "${R[bindfs.w]}"
-row "seq read, caches dropped (MiB/s)" "${R[csi-nfs-fuse.cr]}" "${R[libnfs.cr]} (nfs-cat)" "${R[bindfs.cr]}"
-row "seq re-read, warm (MiB/s)" "${R[csi-nfs-fuse.wr]}" "${R[libnfs.wr]} (nfs-cat)" "${R[bindfs.wr]}"
-row "4 KiB random read, 1 job, O_DIRECT (IOPS)" "${R[csi-nfs-fuse.r1]}" "${R[libnfs.r1]} (QD1)" "${R[bindfs.r1]}"
-row "4 KiB random read, 4 jobs, O_DIRECT (IOPS)" "${R[csi-nfs-fuse.r4]}" "${R[libnfs.r4]} (4xQD1)" "${R[bindfs.r4]}"
-row "create 10,000 empty files (s)" "${R[csi-nfs-fuse.c]}" "-" "${R[bindfs.c]}"
-row "ls -l of those 10,000 (s)" "${R[csi-nfs-fuse.l]}" "-" "${R[bindfs.l]}"
-row "rm of those 10,000 (s)" "${R[csi-nfs-fuse.d]}" "-" "${R[bindfs.d]}"
-row "untar $TAR_ENTRIES entries / $TAR_MIB MiB (s)" "${R[csi-nfs-fuse.u]}" "-" "${R[bindfs.u]}"
+    "nfs-ganesha $(ganesha.nfsd -v 2>&1 | sed -n 's/.*Release = *//p' | head -n1)"
+W='%-44s %14s %16s %14s %14s\n'
+printf "$W" workload csi-nfs-fuse libnfs "bindfs (FUSE)" "server fs"
+row() { # row LABEL KEY [LIBNFS-SUFFIX]
+    printf "$W" "$1" "${R[csi-nfs-fuse.$2]}" "${R[libnfs.$2]}${3:+ ($3)}" "${R[bindfs.$2]}" "${R[local.$2]}"
+}
+row "seq write ${SIZE_MIB} MiB + fsync (MiB/s)" w nfs-cp
+row "seq read, caches dropped (MiB/s)" cr nfs-cat
+row "seq re-read, warm (MiB/s)" wr nfs-cat
+row "4 KiB random read, 1 job, O_DIRECT (IOPS)" r1 QD1
+row "4 KiB random read, 4 jobs, O_DIRECT (IOPS)" r4 4xQD1
+row "create 10,000 empty files (s)" c
+row "ls -l of those 10,000 (s)" l
+row "rm of those 10,000 (s)" d
+row "untar $TAR_ENTRIES entries / $TAR_MIB MiB (s)" u
 printf 'mount process peak RSS with 4 parallel readers: %s MiB (cache_size default 256 MiB)\n' "$(( ${R[rss]} / 1024 ))"
+printf '"server fs" runs each step on the export directory itself, without NFS or FUSE.\n'
+printf 'CPU stolen by the hypervisor during the timed steps:'
+for kind in "${KINDS[@]}"; do
+    awk -v k="$kind" '$1 == k {s += $2; t += $3} END {printf " %s %.0f%%", k, t ? 100 * s / t : 0}' "$WORK/steal"
+done
+printf '\nEvery run, in order (seconds):\n'
+for row in w cr wr c l d u; do
+    for kind in "${KINDS[@]}"; do
+        [[ -n ${ALL[$kind.$row]:-} ]] && printf '  %-3s %-13s%s\n' "$row" "$kind" "${ALL[$kind.$row]}"
+    done
+done
