@@ -254,6 +254,12 @@ impl Filesystem for FuseAdapter {
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_AUTO_INVAL_DATA,
             InitFlags::FUSE_MAX_PAGES,
+            // Clearing setuid/setgid on chown and write is left to the
+            // server, as the kernel client leaves it. Without this the kernel
+            // sends a GETATTR before every chown, and before another user's
+            // write to a setuid file a SETATTR of the mode as that user,
+            // which the server refuses (EPERM) unless the writer owns it.
+            InitFlags::FUSE_HANDLE_KILLPRIV,
         ];
         if self.fs.config().rdirplus {
             wanted.push(InitFlags::FUSE_DO_READDIRPLUS);

@@ -134,6 +134,52 @@ fn rename_links_symlinks_fifos_and_ownership() {
     assert!(!server.join("d").exists());
 }
 
+/// With the server clearing setuid and setgid, as the kernel client leaves
+/// it to: chown takes them off (setgid without group execute stays: it
+/// marks locking, not privilege), and another user's write to a
+/// world-writable setuid file goes through instead of failing with the
+/// kernel's SETATTR of the mode as that user (EPERM: not the owner).
+#[test]
+fn chown_drops_setuid_and_others_may_write_setuid_files() {
+    let Some(g) = ganesha() else { return };
+    let (m, server) = g.fuse_mount("killpriv", "allow_other");
+    let mode = |p: std::path::PathBuf| fs::metadata(p).unwrap().mode() & 0o7777;
+    fs::write(m.path("prog"), b"x").unwrap();
+    fs::set_permissions(m.path("prog"), fs::Permissions::from_mode(0o6755)).unwrap();
+    std::os::unix::fs::chown(m.path("prog"), Some(65534), Some(65534)).unwrap();
+    assert_eq!(mode(server.join("prog")), 0o755, "on the server");
+    assert_eq!(mode(m.path("prog")), 0o755, "through the mount");
+    assert_eq!(fs::metadata(server.join("prog")).unwrap().uid(), 65534);
+
+    fs::write(m.path("locked"), b"x").unwrap();
+    fs::set_permissions(m.path("locked"), fs::Permissions::from_mode(0o2644)).unwrap();
+    std::os::unix::fs::chown(m.path("locked"), Some(65534), None).unwrap();
+    assert_eq!(mode(server.join("locked")), 0o2644);
+
+    fs::write(m.path("shared"), b"x").unwrap();
+    fs::set_permissions(m.path("shared"), fs::Permissions::from_mode(0o4777)).unwrap();
+    let path = m.path("shared");
+    let code = match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let _ = nix::unistd::setgid(nix::unistd::Gid::from_raw(65534));
+            let _ = nix::unistd::setuid(nix::unistd::Uid::from_raw(65534));
+            let r = fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(b"y"));
+            unsafe { libc::_exit(r.map_or_else(|e| e.raw_os_error().unwrap_or(255), |_| 0)) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            match nix::sys::wait::waitpid(child, None).unwrap() {
+                nix::sys::wait::WaitStatus::Exited(_, c) => c,
+                other => panic!("writer: {other:?}"),
+            }
+        }
+    };
+    assert_eq!(code, 0, "another user's write failed with errno {code}");
+    assert_eq!(fs::read(server.join("shared")).unwrap(), b"xy");
+}
+
 #[test]
 fn non_root_caller_gets_eacces_on_root_only_file() {
     let Some(g) = ganesha() else { return };
