@@ -37,12 +37,16 @@ URL=nfs://127.0.0.1$export_path
 WORK=$(mktemp -d /tmp/csi-nfs-fuse-bench.XXXXXX)
 MNT=$WORK/mnt
 mkdir -p "$MNT"
+# Names on the server are new each invocation: ganesha keeps serving a
+# directory that was removed and made again on its disk behind its back (the
+# mount refuses it as "deleted"), and cleanup removes them that way.
+TAG=bench-${WORK##*.}
 gcc -O2 -o "$WORK/libnfs-randread" scripts/bench/libnfs-randread.c -lnfs -lpthread
 
 cleanup() {
     mountpoint -q "$MNT" && { umount "$MNT" 2>/dev/null || umount -l "$MNT"; }
     sleep 0.2
-    rm -rf "$WORK" "$export_dir"/bench-* 2>/dev/null || true
+    rm -rf "$WORK" "$export_dir/$TAG"-* 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -57,15 +61,15 @@ cpu_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, 
 
 # target KIND: where KIND's steps run. "local" is the export directory itself,
 # on the server's own file system: the floor no NFS client can go below.
-target() { [[ $1 == local ]] && echo "$export_dir/bench-local" || echo "$MNT"; }
+target() { [[ $1 == local ]] && echo "$export_dir/$TAG-local" || echo "$MNT"; }
 
 # mount_kind KIND: mounts csi-nfs-fuse or bindfs on $MNT over $export_dir/bench-KIND
 mount_kind() {
     mountpoint -q "$MNT" && { umount "$MNT" 2>/dev/null || umount -l "$MNT"; sleep 0.2; }
-    mkdir -p "$export_dir/bench-$1"
+    mkdir -p "$export_dir/$TAG-$1"
     case $1 in
-        csi-nfs-fuse) "$BIN" mount "$URL/bench-$1" "$MNT" --daemon -o "allow_other${OPTS:+,$OPTS}" ;;
-        bindfs) bindfs --no-allow-other "$export_dir/bench-$1" "$MNT" ;;
+        csi-nfs-fuse) "$BIN" mount "$URL/$TAG-$1" "$MNT" --daemon -o "allow_other${OPTS:+,$OPTS}" ;;
+        bindfs) bindfs --no-allow-other "$export_dir/$TAG-$1" "$MNT" ;;
         local) ;;
     esac
 }
@@ -107,11 +111,12 @@ dd if=/dev/zero of=/dev/shm/bench-src bs=1M count="$SIZE_MIB" status=none
 one_run() {
     local kind=$1 dir
     if [[ $kind == libnfs ]]; then
-        rm -f "$export_dir/bench-libnfs"
-        ALL[libnfs.w]+=" $(timed libnfs nfs-cp /dev/shm/bench-src "$URL/bench-libnfs")"
+        # A new file each run, made by nfs-cp through the server.
+        LIBNFS_FILE=$TAG-libnfs-$i
+        ALL[libnfs.w]+=" $(timed libnfs nfs-cp /dev/shm/bench-src "$URL/$LIBNFS_FILE")"
         drop
-        ALL[libnfs.cr]+=" $(timed libnfs nfs-cat "$URL/bench-libnfs")"
-        ALL[libnfs.wr]+=" $(timed libnfs nfs-cat "$URL/bench-libnfs")"
+        ALL[libnfs.cr]+=" $(timed libnfs nfs-cat "$URL/$LIBNFS_FILE")"
+        ALL[libnfs.wr]+=" $(timed libnfs nfs-cat "$URL/$LIBNFS_FILE")"
         return
     fi
     dir=$(target "$kind")
@@ -145,14 +150,14 @@ for kind in csi-nfs-fuse bindfs; do
     # Random reads measure the client, not the disk: every peer reads a file
     # the server holds in memory (dropped caches would make all of them
     # wait on the same random disk reads). Our own cache is empty: fresh mount.
-    mount_kind "$kind"; drop; warm_server "$export_dir/bench-$kind/seq"
+    mount_kind "$kind"; drop; warm_server "$export_dir/$TAG-$kind/seq"
     for jobs in 1 4; do
         R[$kind.r$jobs]=$(fio --name=r --filename="$MNT/seq" --rw=randread --bs=4k --direct=1 --numjobs=$jobs \
             --time_based --runtime=10 --ioengine=psync --group_reporting --output-format=terse 2>/dev/null \
             | awk -F';' '{s += $8} END {printf "%.0f", s}')
     done
     if [[ $kind == csi-nfs-fuse ]]; then
-        pid=$(pgrep -f "csi-nfs-fuse mount $URL/bench-$kind" | head -n1)
+        pid=$(pgrep -f "csi-nfs-fuse mount $URL/$TAG-$kind" | head -n1)
         drop
         for j in 1 2 3 4; do dd if="$MNT/seq" of=/dev/null bs=1M 2>/dev/null & done
         wait
@@ -162,9 +167,9 @@ done
 R[local.r1]=-; R[local.r4]=-
 
 # The libnfs random-read program on the same export.
-drop; warm_server "$export_dir/bench-libnfs"
-R[libnfs.r1]=$("$WORK/libnfs-randread" 127.0.0.1 "$export_path" /bench-libnfs 10 1)
-R[libnfs.r4]=$("$WORK/libnfs-randread" 127.0.0.1 "$export_path" /bench-libnfs 10 4)
+drop; warm_server "$export_dir/$LIBNFS_FILE"
+R[libnfs.r1]=$("$WORK/libnfs-randread" 127.0.0.1 "$export_path" "/$LIBNFS_FILE" 10 1)
+R[libnfs.r4]=$("$WORK/libnfs-randread" 127.0.0.1 "$export_path" "/$LIBNFS_FILE" 10 4)
 
 printf '\ncsi-nfs-fuse mount benchmark: %s MiB files, medians of %s runs; %s, %s cores, kernel %s, %s\n' \
     "$SIZE_MIB" "$RUNS" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$(nproc)" "$(uname -r)" \

@@ -339,6 +339,29 @@ fn o_direct_writes_and_reads_meet_on_the_server_at_once() {
     drop(writer);
 }
 
+/// A directory removed and made again on the server's disk, behind
+/// ganesha's back, is still served from ganesha's cache as the deleted one:
+/// the mount refuses it by name instead of mounting a directory where every
+/// create fails with ENOENT.
+#[test]
+fn a_deleted_export_directory_the_server_still_serves_is_refused() {
+    let Some(g) = ganesha() else { return };
+    let rel = format!("t-deleted-{}", std::process::id());
+    let dir = g.dir.join(&rel);
+    fs::create_dir_all(&dir).unwrap();
+    let m = FuseMount::start(&g.source(&rel), "").unwrap();
+    fs::write(m.path("a"), b"a").unwrap();
+    drop(m);
+    fs::remove_dir_all(&dir).unwrap();
+    fs::create_dir(&dir).unwrap();
+    match FuseMount::start(&g.source(&rel), "") {
+        Err(e) => assert!(e.contains("deleted directory"), "{e}"),
+        // A server that notices the change serves the new directory: fine.
+        Ok(m) => fs::write(m.path("b"), b"b").unwrap(),
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn mount_errors_are_clear_and_leave_nothing_behind() {
     let Some(g) = ganesha() else { return };

@@ -98,6 +98,8 @@ pub fn from_connect(e: &ConnectError) -> Status {
         ConnectError::Rpc { source, .. } => from_rpc("", source).code(),
         ConnectError::Nfs { status, .. } => nfs_code(*status),
         ConnectError::Timeout { .. } => Code::DeadlineExceeded,
+        // The server must drop its stale entry first; retrying will not help.
+        ConnectError::DeletedRoot { .. } => Code::FailedPrecondition,
     };
     Status::new(code, e.to_string())
 }

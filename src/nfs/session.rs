@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::client::{Failure, NfsClient};
 use super::mount::{self, MountClient, MountReply, MountStat};
-use super::types::{Fattr, FileHandle, FsinfoOk, NFS_PROGRAM, NFS_VERSION};
+use super::types::{Fattr, FileHandle, FileType, FsinfoOk, NFS_PROGRAM, NFS_VERSION};
 use crate::rpc::{Credential, RpcClient, RpcConfig, RpcError};
 
 /// FUSE hands us at most 1 MiB per request, so larger transfers buy nothing.
@@ -77,6 +77,14 @@ pub enum ConnectError {
         export: String,
         after: Duration,
     },
+    /// The server still caches a directory deleted behind its back (removed
+    /// and made again on its disk, not through NFS) and hands out that.
+    /// Every create in it would fail with ENOENT; the kernel client mounts
+    /// it all the same.
+    #[error(
+        "NFS server {server}, export '{export}': the server answered with a deleted directory (no links left); it still caches the one that was removed, so make the directory through NFS or restart the server"
+    )]
+    DeletedRoot { server: String, export: String },
 }
 
 /// A mounted export: the NFS channel, the root handle and negotiated sizes.
@@ -243,6 +251,12 @@ async fn connect_inner(
         .await
         .map_err(|f| nfs_failure(&server, export, "GETATTR", f))?
         .attr;
+    if root_attr.ftype == FileType::Directory && root_attr.nlink == 0 {
+        return Err(ConnectError::DeletedRoot {
+            server,
+            export: export.into(),
+        });
+    }
     let rsize = clamp_transfer(cfg.rsize, fsinfo.rtmax);
     let wsize = clamp_transfer(cfg.wsize, fsinfo.wtmax);
     Ok(NfsSession {
