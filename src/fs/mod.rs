@@ -1339,6 +1339,16 @@ impl NfsFs {
         self.pages.stats()
     }
 
+    /// What every write does first: refuse on a read-only mount, and drop
+    /// the cached blocks the write will make stale.
+    fn begin_write(&self, ino: u64, offset: u64, len: usize) -> Result<inode::Inode, FsError> {
+        self.writable()?;
+        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
+        self.pages
+            .invalidate_range(inode.cache_gen, offset, offset + len as u64);
+        Ok(inode)
+    }
+
     pub async fn write(
         &self,
         c: &Caller,
@@ -1346,10 +1356,7 @@ impl NfsFs {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<u32, FsError> {
-        self.writable()?;
-        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
-        self.pages
-            .invalidate_range(inode.cache_gen, offset, offset + data.len() as u64);
+        let inode = self.begin_write(ino, offset, data.len())?;
         let len = data.len() as u32;
         self.writeback
             .write(ino, &inode.fh, &self.cred(c), offset, data)
@@ -1367,10 +1374,7 @@ impl NfsFs {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<u32, FsError> {
-        self.writable()?;
-        let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
-        self.pages
-            .invalidate_range(inode.cache_gen, offset, offset + data.len() as u64);
+        let inode = self.begin_write(ino, offset, data.len())?;
         let len = data.len() as u32;
         self.writeback
             .write_sync(ino, &inode.fh, &self.cred(c), offset, Bytes::from(data))
