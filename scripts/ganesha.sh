@@ -8,7 +8,7 @@
 #       (idempotent, quiet; one apt-get update only when something is missing).
 #   scripts/ganesha.sh start [--name NAME] [--squash root_squash|no_root_squash]
 #                            [--privileged-port] [--nfs-port N] [--mount-port N]
-#                            [--netns NS] [--bind ADDR]
+#                            [--netns NS] [--bind ADDR] [--export-size MIB]
 #       Start instance NAME (default: "default") with a FRESH, empty export
 #       dir. If NAME is already running with the same options this is a no-op.
 #       Prints key=value lines (shell-quoted, safe to `eval`):
@@ -22,6 +22,8 @@
 #       address inside NS; readiness checks then run inside NS, so they
 #       pass even while the namespace's outside links drop traffic.
 #       kill/restart/stop/status work the same; restart reuses NS and ADDR.
+#       --export-size MIB (named instances only): the export dir is a tmpfs
+#       of MIB MiB, so a test can fill it (ENOSPC); stop --purge unmounts it.
 #   scripts/ganesha.sh stop    [--name NAME | --all] [--purge]
 #       SIGTERM, then SIGKILL after 15 s. State (export, log) is kept unless --purge.
 #   scripts/ganesha.sh kill    [--name NAME]   SIGKILL (crash simulation; state kept)
@@ -241,6 +243,7 @@ lock_base() {
 # Instance variables (set by load_instance / new_instance)
 I_NAME= I_DIR= I_SQUASH= I_PRIV= I_NFS_PORT= I_MOUNT_PORT= I_SANDBOX=
 I_NETNS='' I_BIND=$HOST # --netns path ('' = the caller's), listen address
+I_SIZE='' # --export-size in MiB ('' = the export is a plain directory)
 
 set_paths() {
     I_DIR=$BASE/$I_NAME
@@ -257,7 +260,7 @@ load_instance() { # name -> 0 if instance.env exists
     I_NAME=$1
     set_paths
     [[ -f $I_DIR/instance.env ]] || return 1
-    I_NETNS="" I_BIND=$HOST # instance.env files older than --netns/--bind lack them
+    I_NETNS="" I_BIND=$HOST I_SIZE="" # instance.env files older than these options lack them
     # shellcheck disable=SC1091
     source "$I_DIR/instance.env"
 }
@@ -271,7 +274,15 @@ save_instance() {
         printf 'I_SANDBOX=%q\n' "$I_SANDBOX"
         printf 'I_NETNS=%q\n' "$I_NETNS"
         printf 'I_BIND=%q\n' "$I_BIND"
+        printf 'I_SIZE=%q\n' "$I_SIZE"
     } >"$I_DIR/instance.env"
+}
+
+# the --export-size tmpfs of the loaded instance, before its directory goes
+unmount_export() {
+    if mountpoint -q "$I_EXPORT" 2>/dev/null; then
+        umount "$I_EXPORT" 2>/dev/null || umount -l "$I_EXPORT" || die "cannot unmount $I_EXPORT"
+    fi
 }
 
 ganesha_pid() { # prints pid if running
@@ -523,7 +534,7 @@ parse_name_only() { # sets NAME, ALL
 
 cmd_start() {
     local name=default squash=no_root_squash priv=false nfs_port="" mount_port="" pid
-    local netns="" bind=""
+    local netns="" bind="" size=""
     while (($#)); do
         case $1 in
             --name) (($# >= 2)) || die "--name needs a value"; name=$2; shift 2 ;;
@@ -539,14 +550,17 @@ cmd_start() {
             --netns=*) netns=${1#*=}; shift ;;
             --bind) (($# >= 2)) || die "--bind needs a value"; bind=$2; shift 2 ;;
             --bind=*) bind=${1#*=}; shift ;;
+            --export-size) (($# >= 2)) || die "--export-size needs a value"; size=$2; shift 2 ;;
+            --export-size=*) size=${1#*=}; shift ;;
             -h | --help) usage ;;
             *) die "unknown argument '$1'" ;;
         esac
     done
     valid_name "$name"
-    if [[ $name == default && -n $netns$bind ]]; then
-        die "--netns/--bind are for named instances only (the default instance always uses $HOST)"
+    if [[ $name == default && -n $netns$bind$size ]]; then
+        die "--netns/--bind/--export-size are for named instances only (the default instance always uses $HOST and a plain directory)"
     fi
+    [[ -z $size || ($size =~ ^[0-9]+$ && $size -gt 0) ]] || die "--export-size takes a size in MiB, not '$size'"
     [[ -z $netns ]] || netns=$(netns_path "$netns")
     [[ -z $bind || $bind =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || die "--bind takes an IPv4 address, not '$bind'"
     bind=${bind:-$HOST}
@@ -565,8 +579,8 @@ cmd_start() {
         [[ $I_SQUASH == "$squash" && $I_PRIV == "$priv" \
             && (-z $nfs_port || $nfs_port == "$I_NFS_PORT") \
             && (-z $mount_port || $mount_port == "$I_MOUNT_PORT") \
-            && $I_NETNS == "$netns" && $I_BIND == "$bind" ]] \
-            || die "instance '$name' already runs with other options (squash=$I_SQUASH privileged_port=$I_PRIV ports=$I_NFS_PORT/$I_MOUNT_PORT netns=${I_NETNS:-none} bind=$I_BIND); stop it first"
+            && $I_NETNS == "$netns" && $I_BIND == "$bind" && $I_SIZE == "$size" ]] \
+            || die "instance '$name' already runs with other options (squash=$I_SQUASH privileged_port=$I_PRIV ports=$I_NFS_PORT/$I_MOUNT_PORT netns=${I_NETNS:-none} bind=$I_BIND export_size=${I_SIZE:-none}); stop it first"
         if rpc_null "$I_NFS_PORT" 100003 3 && rpc_null "$I_MOUNT_PORT" 100005 3; then
             print_env "$pid"
             return 0
@@ -579,8 +593,14 @@ cmd_start() {
     I_NAME=$name
     set_paths
     stop_sandbox_rpcbind
+    unmount_export
     rm -rf "$I_DIR"
     mkdir -p "$I_EXPORT" "$I_DIR/recovery"
+    I_SIZE=$size
+    if [[ -n $size ]]; then
+        mount -t tmpfs -o "size=${size}m" csi-nfs-fuse-ganesha-export "$I_EXPORT" \
+            || die "mount a ${size} MiB tmpfs on $I_EXPORT failed"
+    fi
     chmod 0777 "$I_EXPORT" # root_squash'ed root (uid 65534) must be able to create files
     I_SQUASH=$squash I_PRIV=$priv I_NETNS=$netns I_BIND=$bind
     if [[ $name == default ]]; then
@@ -644,6 +664,7 @@ cmd_stop() {
         clean_host_registration
         rm -f "$I_PIDF"
         if [[ $PURGE == yes ]]; then
+            unmount_export
             rm -rf "$I_DIR"
             note "stopped '$n' and removed $I_DIR"
         else

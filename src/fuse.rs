@@ -484,7 +484,7 @@ impl Filesystem for FuseAdapter {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -498,7 +498,7 @@ impl Filesystem for FuseAdapter {
             let written = if direct {
                 fs.write_through(&c, ino.0, offset, data).await
             } else {
-                fs.write(&c, ino.0, offset, data).await
+                fs.write(&c, ino.0, fh.0, offset, data).await
             };
             match written {
                 Ok(n) => reply.written(n),

@@ -174,7 +174,7 @@ async fn writes_invalidate_cached_blocks() {
     for i in 0..3u64 {
         fs.read(&who, e.ino, h, i << 20, 1 << 20).await.unwrap();
     }
-    fs.write(&who, e.ino, (1 << 20) + 10, b"NEWDATA".to_vec())
+    fs.write(&who, e.ino, h, (1 << 20) + 10, b"NEWDATA".to_vec())
         .await
         .unwrap();
     fs.flush(e.ino, h).await.unwrap();
@@ -253,7 +253,9 @@ async fn a_read_only_close_leaves_a_writers_data_to_the_writer() {
     let e = fs.lookup(&who, ROOT_INO, b"f").await.unwrap();
     let w = fs.open(&who, e.ino, libc::O_WRONLY).await.unwrap();
     assert!(!w.read_only);
-    fs.write(&who, e.ino, 0, b"fresh".to_vec()).await.unwrap();
+    fs.write(&who, e.ino, w.fh, 0, b"fresh".to_vec())
+        .await
+        .unwrap();
     let r = fs.open(&who, e.ino, libc::O_RDONLY).await.unwrap();
     assert!(
         r.read_only,

@@ -122,7 +122,7 @@ async fn writeback_resends_uncommitted_data_when_the_verifier_changes() {
         .unwrap();
     let data: Vec<u8> = (0..(8u64 << 20)).map(|i| (i % 253) as u8).collect();
     for (i, part) in data.chunks(1 << 20).enumerate() {
-        fs.write(&who, entry.ino, (i << 20) as u64, part.to_vec())
+        fs.write(&who, entry.ino, opened.fh, (i << 20) as u64, part.to_vec())
             .await
             .unwrap();
     }

@@ -123,11 +123,13 @@ pub struct Opened {
     pub read_only: bool,
 }
 
-/// An open file handle: which inode, and whether it may write.
+/// An open file handle: which inode, whether it may write, and the last
+/// failed write it has reported (see `WriteBack::take_error`).
 #[derive(Debug, Clone, Copy)]
 struct OpenFile {
     ino: u64,
     writable: bool,
+    error_cursor: u64,
 }
 
 fn writable_flags(flags: i32) -> bool {
@@ -1087,8 +1089,29 @@ impl NfsFs {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.inodes.with(ino, |i| i.open_count += 1);
         self.open_files.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().insert(handle, OpenFile { ino, writable });
+        let error_cursor = self.writeback.error_cursor(ino);
+        self.files.lock().insert(
+            handle,
+            OpenFile {
+                ino,
+                writable,
+                error_cursor,
+            },
+        );
         handle
+    }
+
+    /// A failed write `handle` has yet to report, as the kernel reports one
+    /// to every descriptor open when it failed. Read-only descriptors are
+    /// never told: the error is the writers'.
+    fn unreported_error(&self, ino: u64, handle: u64) -> Result<(), FsError> {
+        let mut files = self.files.lock();
+        let cursor = match files.get_mut(&handle) {
+            Some(f) if !f.writable => return Ok(()),
+            Some(f) => Some(&mut f.error_cursor),
+            None => None,
+        };
+        self.writeback.take_error(ino, cursor).map_or(Ok(()), Err)
     }
 
     /// Whether `handle` may have written: a read-only descriptor's close
@@ -1349,14 +1372,18 @@ impl NfsFs {
         Ok(inode)
     }
 
+    /// A buffered write; the first to learn of an earlier failed write of
+    /// this descriptor's reports it instead.
     pub async fn write(
         &self,
         c: &Caller,
         ino: u64,
+        handle: u64,
         offset: u64,
         data: Vec<u8>,
     ) -> Result<u32, FsError> {
         let inode = self.begin_write(ino, offset, data.len())?;
+        self.unreported_error(ino, handle)?;
         let len = data.len() as u32;
         self.writeback
             .write(ino, &inode.fh, &self.cred(c), offset, data)
@@ -1382,45 +1409,41 @@ impl NfsFs {
         Ok(len)
     }
 
-    /// close(2) of one descriptor: make the data durable and report errors.
+    /// close(2) of one descriptor: make the data durable and report errors:
+    /// this flush's own, else a failed write this descriptor has not
+    /// reported (which waits for the next report when the flush fails).
     pub async fn flush(&self, ino: u64, handle: u64) -> Result<(), FsError> {
         if !self.may_have_written(handle) {
             return Ok(());
         }
-        self.writeback.flush(ino).await
+        self.writeback.flush(ino).await?;
+        self.unreported_error(ino, handle)
     }
 
     /// fsync(2) makes the whole file durable whichever descriptor asks, but
     /// a read-only one must not take the error owed to the writer's close.
     pub async fn fsync(&self, ino: u64, handle: u64) -> Result<(), FsError> {
         if self.may_have_written(handle) {
-            self.writeback.flush(ino).await
+            self.flush(ino, handle).await
         } else {
             self.writeback.settle(ino, false).await
         }
     }
 
     pub async fn release(&self, c: &Caller, ino: u64, handle: u64) -> Result<(), FsError> {
-        let result = if self.may_have_written(handle) {
-            self.writeback.flush(ino).await
-        } else {
-            Ok(())
-        };
+        let result = self.flush(ino, handle).await;
         if self.files.lock().remove(&handle).is_some() {
             self.open_files.fetch_sub(1, Ordering::Relaxed);
         }
         self.readahead.lock().remove(&handle);
-        let silly = self
+        let (last, silly) = self
             .inodes
             .with(ino, |i| {
                 i.open_count = i.open_count.saturating_sub(1);
-                if i.open_count == 0 {
-                    i.silly.take()
-                } else {
-                    None
-                }
+                let last = i.open_count == 0;
+                (last, if last { i.silly.take() } else { None })
             })
-            .flatten();
+            .unwrap_or((true, None));
         if let Some((parent, name)) = silly
             && let Ok(dir) = self.fh(parent)
         {
@@ -1432,7 +1455,7 @@ impl NfsFs {
                 }
             }
         }
-        self.writeback.release(ino);
+        self.writeback.release(ino, last);
         self.inodes.forget(ino, 0);
         result
     }
@@ -1640,7 +1663,9 @@ impl NfsFs {
         inos.dedup();
         let mut first = Ok(());
         for ino in inos {
-            if let Err(e) = self.writeback.flush(ino).await {
+            let flushed = self.writeback.flush(ino).await;
+            let unreported = self.writeback.take_error(ino, None).map_or(Ok(()), Err);
+            if let Err(e) = flushed.and(unreported) {
                 first = first.and(Err(e));
             }
         }

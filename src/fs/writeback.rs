@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -42,15 +43,28 @@ struct Gather {
     permit: OwnedSemaphorePermit,
 }
 
+/// A failed write, kept the way the kernel's errseq_t keeps one: its stamp
+/// comes from one counter, and each descriptor remembers the stamp it last
+/// reported (or the counter when it was opened), so every descriptor that
+/// was open when the write failed reports it once, on its next write, fsync
+/// or close, whichever comes first, and a descriptor opened later does not.
+/// An error no descriptor has reported yet goes to the next one opened.
+#[derive(Debug, Clone, Copy)]
+struct WriteError {
+    stamp: u64,
+    error: FsError,
+    reported: bool,
+}
+
 #[derive(Default)]
 struct State {
     gather: Option<Gather>,
     inflight: usize,
     uncommitted: Vec<Chunk>,
     oldest_uncommitted: Option<Instant>,
-    /// First error since it was last reported: handed to the next write,
-    /// flush or fsync, never dropped.
-    error: Option<FsError>,
+    /// The latest write that failed, for every descriptor open at the time
+    /// to report (see [`WriteError`]).
+    error: Option<WriteError>,
     /// Highest byte offset written through us, for getattr while dirty.
     end: u64,
     cred: Option<Credential>,
@@ -79,6 +93,8 @@ pub struct WriteBack {
     /// Chunks sent again because the server's write verifier changed.
     resent: std::sync::atomic::AtomicU64,
     gather_age: Duration,
+    /// Source of [`WriteError`] stamps.
+    error_stamps: std::sync::atomic::AtomicU64,
 }
 
 impl WriteBack {
@@ -100,6 +116,7 @@ impl WriteBack {
             pressure: Notify::new(),
             resent: std::sync::atomic::AtomicU64::new(0),
             gather_age,
+            error_stamps: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(Self::flusher(Arc::downgrade(&wb)));
         wb
@@ -144,9 +161,6 @@ impl WriteBack {
         data: Vec<u8>,
     ) -> Result<(), FsError> {
         let file = self.file(ino, fh);
-        if let Some(e) = file.state.lock().error.take() {
-            return Err(e);
-        }
         let permit = match self
             .budget
             .clone()
@@ -240,7 +254,11 @@ impl WriteBack {
             Ok(_) => {} // already durable; the permit is released here
             Err(e) => {
                 warn!(ino, offset = g.offset, error = %e, "write-back failed");
-                s.error.get_or_insert(e);
+                s.error = Some(WriteError {
+                    stamp: self.error_stamps.fetch_add(1, Ordering::Relaxed) + 1,
+                    error: e,
+                    reported: false,
+                });
             }
         }
         s.inflight -= 1;
@@ -382,23 +400,43 @@ impl WriteBack {
     }
 
     /// Makes everything written so far durable (close, fsync): drain, COMMIT,
-    /// and resend chunks whose verifier no longer matches. Reports (and
-    /// clears) any write error since the last report.
+    /// and resend chunks whose verifier no longer matches. Its own outcome
+    /// only: earlier failed writes are for [`Self::take_error`] to report.
     pub async fn flush(self: &Arc<Self>, ino: u64) -> Result<(), FsError> {
         let result = self.settle(ino, false).await;
-        let Some(file) = self.files.lock().get(&ino).cloned() else {
-            return result;
-        };
-        let mut s = file.state.lock();
-        // A saved error is taken only when it is the one reported: after a
-        // failed COMMIT it waits for the next flush, fsync or write.
-        let sticky = if result.is_ok() { s.error.take() } else { None };
-        if s.gather.is_none() && s.inflight == 0 && s.uncommitted.is_empty() {
-            s.end = 0;
+        if let Some(file) = self.files.lock().get(&ino) {
+            let mut s = file.state.lock();
+            if s.gather.is_none() && s.inflight == 0 && s.uncommitted.is_empty() {
+                s.end = 0;
+            }
         }
-        drop(s);
-        result?;
-        sticky.map_or(Ok(()), Err)
+        result
+    }
+
+    /// What a descriptor opened now starts from: past the failures already
+    /// reported, short of one nobody has reported yet.
+    pub fn error_cursor(&self, ino: u64) -> u64 {
+        let unreported = self.files.lock().get(&ino).and_then(|f| {
+            let s = f.state.lock();
+            s.error.filter(|e| !e.reported).map(|e| e.stamp - 1)
+        });
+        unreported.unwrap_or_else(|| self.error_stamps.load(Ordering::Relaxed))
+    }
+
+    /// The failed write a descriptor at `cursor` has not reported yet, if
+    /// any; moves the cursor past it. Without a cursor (a descriptor we do
+    /// not know), an error nobody has reported.
+    pub fn take_error(&self, ino: u64, cursor: Option<&mut u64>) -> Option<FsError> {
+        let file = self.files.lock().get(&ino).cloned()?;
+        let mut s = file.state.lock();
+        let e = s.error.as_mut()?;
+        match cursor {
+            Some(c) if e.stamp > *c => *c = e.stamp,
+            None if !e.reported => {}
+            _ => return None,
+        }
+        e.reported = true;
+        Some(e.error)
     }
 
     async fn commit_file(&self, ino: u64, file: &FileWrites) -> Result<(), FsError> {
@@ -457,15 +495,17 @@ impl WriteBack {
         Ok(())
     }
 
-    /// Forgets a file's write state once it has nothing pending.
-    pub fn release(&self, ino: u64) {
+    /// Forgets a file's write state once it has nothing pending and no
+    /// failed write an open descriptor (`last`: none is left) or the next
+    /// opener still has to report.
+    pub fn release(&self, ino: u64, last: bool) {
         let mut files = self.files.lock();
         if let Some(f) = files.get(&ino) {
             let s = f.state.lock();
             if s.gather.is_none()
                 && s.inflight == 0
                 && s.uncommitted.is_empty()
-                && s.error.is_none()
+                && s.error.is_none_or(|e| last && e.reported)
             {
                 drop(s);
                 files.remove(&ino);
@@ -548,9 +588,10 @@ impl WriteBack {
                 if commit {
                     let this2 = this.clone();
                     tokio::spawn(async move {
+                        // The data stays for the next flush to commit, and
+                        // that flush reports its own outcome.
                         if let Err(e) = this2.commit_file(ino, &file).await {
                             debug!(ino, error = %e, "background commit failed; will retry");
-                            file.state.lock().error.get_or_insert(e);
                         }
                     });
                 }
