@@ -124,12 +124,17 @@ pub struct Opened {
 }
 
 /// An open file handle: which inode, whether it may write, and the last
-/// failed write it has reported (see `WriteBack::take_error`).
+/// failed write its closes and fsyncs have reported, and its writes (see
+/// `WriteBack::take_error`). Two cursors, because a write's report can be
+/// lost: FUSE splits a large write(2), and an error on a later piece
+/// becomes a short count; the close must still report it, as the kernel's
+/// does after a write already told of it.
 #[derive(Debug, Clone, Copy)]
 struct OpenFile {
     ino: u64,
     writable: bool,
     error_cursor: u64,
+    write_cursor: u64,
 }
 
 fn writable_flags(flags: i32) -> bool {
@@ -1096,22 +1101,27 @@ impl NfsFs {
                 ino,
                 writable,
                 error_cursor,
+                write_cursor: error_cursor,
             },
         );
         handle
     }
 
     /// A failed write `handle` has yet to report, as the kernel reports one
-    /// to every descriptor open when it failed. Read-only descriptors are
+    /// to every descriptor open when it failed: to its next write (`by_write`)
+    /// and, separately, to its next close or fsync. Read-only descriptors are
     /// never told: the error is the writers'.
-    fn unreported_error(&self, ino: u64, handle: u64) -> Result<(), FsError> {
+    fn unreported_error(&self, ino: u64, handle: u64, by_write: bool) -> Result<(), FsError> {
         let mut files = self.files.lock();
         let cursor = match files.get_mut(&handle) {
             Some(f) if !f.writable => return Ok(()),
+            Some(f) if by_write => Some(&mut f.write_cursor),
             Some(f) => Some(&mut f.error_cursor),
             None => None,
         };
-        self.writeback.take_error(ino, cursor).map_or(Ok(()), Err)
+        self.writeback
+            .take_error(ino, cursor, !by_write)
+            .map_or(Ok(()), Err)
     }
 
     /// Whether `handle` may have written: a read-only descriptor's close
@@ -1383,7 +1393,7 @@ impl NfsFs {
         data: Vec<u8>,
     ) -> Result<u32, FsError> {
         let inode = self.begin_write(ino, offset, data.len())?;
-        self.unreported_error(ino, handle)?;
+        self.unreported_error(ino, handle, true)?;
         let len = data.len() as u32;
         self.writeback
             .write(ino, &inode.fh, &self.cred(c), offset, data)
@@ -1417,7 +1427,7 @@ impl NfsFs {
             return Ok(());
         }
         self.writeback.flush(ino).await?;
-        self.unreported_error(ino, handle)
+        self.unreported_error(ino, handle, false)
     }
 
     /// fsync(2) makes the whole file durable whichever descriptor asks, but
@@ -1430,20 +1440,30 @@ impl NfsFs {
         }
     }
 
+    /// The last close of a descriptor. The kernel throws RELEASE's answer
+    /// away, so it sends what FLUSH left (a writable mmap's pages) and takes
+    /// no saved error: one FLUSH did not report stays for the next opener.
     pub async fn release(&self, c: &Caller, ino: u64, handle: u64) -> Result<(), FsError> {
-        let result = self.flush(ino, handle).await;
+        let result = if self.may_have_written(handle) {
+            self.writeback.flush(ino).await
+        } else {
+            Ok(())
+        };
         if self.files.lock().remove(&handle).is_some() {
             self.open_files.fetch_sub(1, Ordering::Relaxed);
         }
         self.readahead.lock().remove(&handle);
-        let (last, silly) = self
+        let silly = self
             .inodes
             .with(ino, |i| {
                 i.open_count = i.open_count.saturating_sub(1);
-                let last = i.open_count == 0;
-                (last, if last { i.silly.take() } else { None })
+                if i.open_count == 0 {
+                    i.silly.take()
+                } else {
+                    None
+                }
             })
-            .unwrap_or((true, None));
+            .flatten();
         if let Some((parent, name)) = silly
             && let Ok(dir) = self.fh(parent)
         {
@@ -1455,6 +1475,8 @@ impl NfsFs {
                 }
             }
         }
+        // Counted after the REMOVE: an open may have come in meanwhile.
+        let last = self.inodes.with(ino, |i| i.open_count == 0).unwrap_or(true);
         self.writeback.release(ino, last);
         self.inodes.forget(ino, 0);
         result
@@ -1664,7 +1686,10 @@ impl NfsFs {
         let mut first = Ok(());
         for ino in inos {
             let flushed = self.writeback.flush(ino).await;
-            let unreported = self.writeback.take_error(ino, None).map_or(Ok(()), Err);
+            let unreported = self
+                .writeback
+                .take_error(ino, None, true)
+                .map_or(Ok(()), Err);
             if let Err(e) = flushed.and(unreported) {
                 first = first.and(Err(e));
             }

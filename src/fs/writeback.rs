@@ -425,8 +425,10 @@ impl WriteBack {
 
     /// The failed write a descriptor at `cursor` has not reported yet, if
     /// any; moves the cursor past it. Without a cursor (a descriptor we do
-    /// not know), an error nobody has reported.
-    pub fn take_error(&self, ino: u64, cursor: Option<&mut u64>) -> Option<FsError> {
+    /// not know), an error nobody has reported. `settled`: the report is a
+    /// close's or an fsync's, which the caller surely sees, so the next
+    /// opener need not be told (a write's may be dropped by the kernel).
+    pub fn take_error(&self, ino: u64, cursor: Option<&mut u64>, settled: bool) -> Option<FsError> {
         let file = self.files.lock().get(&ino).cloned()?;
         let mut s = file.state.lock();
         let e = s.error.as_mut()?;
@@ -435,7 +437,7 @@ impl WriteBack {
             None if !e.reported => {}
             _ => return None,
         }
-        e.reported = true;
+        e.reported |= settled;
         Some(e.error)
     }
 
