@@ -1092,9 +1092,12 @@ impl NfsFs {
 
     fn register_open(&self, ino: u64, writable: bool) -> u64 {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.inodes.with(ino, |i| i.open_count += 1);
+        let fh = self.inodes.with(ino, |i| {
+            i.open_count += 1;
+            i.fh.clone()
+        });
         self.open_files.fetch_add(1, Ordering::Relaxed);
-        let error_cursor = self.writeback.error_cursor(ino);
+        let error_cursor = fh.map_or(0, |fh| self.writeback.error_cursor(ino, &fh));
         self.files.lock().insert(
             handle,
             OpenFile {

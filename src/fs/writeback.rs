@@ -122,19 +122,24 @@ impl WriteBack {
         wb
     }
 
+    /// The write state of `ino`. The server may give a removed file's
+    /// fileid to a new file: state kept for the old handle (an unreported
+    /// error, data the server will refuse as stale) is not the new file's.
     fn file(&self, ino: u64, fh: &FileHandle) -> Arc<FileWrites> {
-        self.files
-            .lock()
-            .entry(ino)
-            .or_insert_with(|| {
-                Arc::new(FileWrites {
+        let mut files = self.files.lock();
+        match files.get(&ino) {
+            Some(f) if f.fh == *fh => f.clone(),
+            _ => {
+                let f = Arc::new(FileWrites {
                     fh: fh.clone(),
                     state: Mutex::new(State::default()),
                     idle: Notify::new(),
                     commit_lock: tokio::sync::Mutex::new(()),
-                })
-            })
-            .clone()
+                });
+                files.insert(ino, f.clone());
+                f
+            }
+        }
     }
 
     /// Whether `ino` has data we have not yet handed to the server or that
@@ -415,8 +420,11 @@ impl WriteBack {
 
     /// What a descriptor opened now starts from: past the failures already
     /// reported, short of one nobody has reported yet.
-    pub fn error_cursor(&self, ino: u64) -> u64 {
+    pub fn error_cursor(&self, ino: u64, fh: &FileHandle) -> u64 {
         let unreported = self.files.lock().get(&ino).and_then(|f| {
+            if f.fh != *fh {
+                return None; // another file that had this fileid
+            }
             let s = f.state.lock();
             s.error.filter(|e| !e.reported).map(|e| e.stamp - 1)
         });
