@@ -1433,8 +1433,9 @@ impl NfsFs {
         self.unreported_error(ino, handle, false)
     }
 
-    /// fsync(2) makes the whole file durable whichever descriptor asks, but
-    /// a read-only one must not take the error owed to the writer's close.
+    /// fsync(2) makes the whole file durable whichever descriptor asks; a
+    /// read-only one is not told of the writers' failed writes, as its
+    /// close is not.
     pub async fn fsync(&self, ino: u64, handle: u64) -> Result<(), FsError> {
         if self.may_have_written(handle) {
             self.flush(ino, handle).await

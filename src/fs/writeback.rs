@@ -46,9 +46,9 @@ struct Gather {
 /// A failed write, kept the way the kernel's errseq_t keeps one: its stamp
 /// comes from one counter, and each descriptor remembers the stamp it last
 /// reported (or the counter when it was opened), so every descriptor that
-/// was open when the write failed reports it once, on its next write, fsync
-/// or close, whichever comes first, and a descriptor opened later does not.
-/// An error no descriptor has reported yet goes to the next one opened.
+/// was open when the write failed reports it, once to its next write and
+/// once to its next fsync or close, and a descriptor opened later does not.
+/// An error no close or fsync has reported yet goes to the next opener.
 #[derive(Debug, Clone, Copy)]
 struct WriteError {
     stamp: u64,
