@@ -637,6 +637,7 @@ fn a_full_server_reports_enospc_on_write_fsync_and_close() {
     // on its own, then succeeds once there is room, and A's close still has
     // A's error to report.
     let mut a = fs::File::create(m.path("shared")).unwrap();
+    let reader = fs::File::open(m.path("shared")).unwrap();
     a.write_all(&mib).unwrap();
     let b = fs::OpenOptions::new()
         .write(true)
@@ -674,6 +675,13 @@ fn a_full_server_reports_enospc_on_write_fsync_and_close() {
         .unwrap();
     close_reporting(c).expect("C was opened after the failure");
     enospc(close_reporting(a), "A's close after B's");
+    // A reader's fsync is told as the kernel's is; its close is not.
+    enospc(
+        reader.sync_all(),
+        "fsync of a reader open when A's write failed",
+    );
+    reader.sync_all().expect("told once");
+    close_reporting(reader).expect("a read-only close reports nothing");
 
     // With room again, writing works as before.
     fs::write(m.path("after"), &mib).unwrap();

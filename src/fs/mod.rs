@@ -1433,15 +1433,19 @@ impl NfsFs {
         self.unreported_error(ino, handle, false)
     }
 
-    /// fsync(2) makes the whole file durable whichever descriptor asks; a
-    /// read-only one is not told of the writers' failed writes, as its
-    /// close is not.
+    /// fsync(2) makes the whole file durable whichever descriptor asks, and
+    /// reports the failed writes since it was opened also to a read-only
+    /// one, as the kernel's fsync does (only its close stays silent).
     pub async fn fsync(&self, ino: u64, handle: u64) -> Result<(), FsError> {
         if self.may_have_written(handle) {
-            self.flush(ino, handle).await
-        } else {
-            self.writeback.settle(ino, false).await
+            return self.flush(ino, handle).await;
         }
+        self.writeback.settle(ino, false).await?;
+        let mut files = self.files.lock();
+        let cursor = files.get_mut(&handle).map(|f| &mut f.error_cursor);
+        self.writeback
+            .take_error(ino, cursor, true)
+            .map_or(Ok(()), Err)
     }
 
     /// The last close of a descriptor. The kernel throws RELEASE's answer
