@@ -291,6 +291,23 @@ fn two_mounts_see_each_others_changes_after_close_and_reopen() {
 #[repr(align(4096))]
 struct Block([u8; 4096]);
 
+impl Block {
+    fn pattern(seed: u64) -> Block {
+        let mut block = Block([0; 4096]);
+        block.0.copy_from_slice(&pattern(seed, 4096));
+        block
+    }
+}
+
+fn open_direct_writer(path: std::path::PathBuf) -> fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap()
+}
+
 /// O_DIRECT on one mount is seen at once by O_DIRECT on another, though
 /// both caches hold the old bytes and attributes live for ten minutes: the
 /// write is on the server before it returns, the read asks the server.
@@ -315,13 +332,8 @@ fn o_direct_writes_and_reads_meet_on_the_server_at_once() {
         .open(a.path("f"))
         .unwrap();
 
-    let writer = fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(b.path("f"))
-        .unwrap();
-    let mut block = Block([0; 4096]);
-    block.0.copy_from_slice(&pattern(2, 4096));
+    let writer = open_direct_writer(b.path("f"));
+    let block = Block::pattern(2);
     assert_eq!(writer.write_at(&block.0, 4096).unwrap(), 4096);
 
     let mut got = Block([0; 4096]);
@@ -580,7 +592,7 @@ fn close_reporting(f: fs::File) -> std::io::Result<()> {
 /// own outcome, and another descriptor's close still reports that one's.
 #[test]
 fn a_full_server_reports_enospc_on_write_fsync_and_close() {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::unix::fs::FileExt;
     let Some(g) = NamedGanesha::start("nospc", &["--export-size", "8"]) else {
         return;
     };
@@ -639,13 +651,8 @@ fn a_full_server_reports_enospc_on_write_fsync_and_close() {
     let mut a = fs::File::create(m.path("shared")).unwrap();
     let reader = fs::File::open(m.path("shared")).unwrap();
     a.write_all(&mib).unwrap();
-    let b = fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(m.path("shared"))
-        .unwrap();
-    let mut block = Block([0; 4096]);
-    block.0.copy_from_slice(&pattern(3, 4096));
+    let b = open_direct_writer(m.path("shared"));
+    let block = Block::pattern(3);
     let big = vec![Block([1; 4096]); 256];
     // SAFETY: Block is a plain aligned array; the slice covers exactly the
     // 256 blocks of `big`.

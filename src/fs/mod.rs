@@ -1112,16 +1112,17 @@ impl NfsFs {
 
     /// A failed write `handle` has yet to report, as the kernel reports one
     /// to every descriptor open when it failed: to its next write (`by_write`)
-    /// and, separately, to its next close or fsync. Read-only descriptors are
-    /// never told: the error is the writers'.
+    /// and, separately, to its next close or fsync. Callers decide who is
+    /// told: a read-only descriptor's close is not.
     fn unreported_error(&self, ino: u64, handle: u64, by_write: bool) -> Result<(), FsError> {
         let mut files = self.files.lock();
-        let cursor = match files.get_mut(&handle) {
-            Some(f) if !f.writable => return Ok(()),
-            Some(f) if by_write => Some(&mut f.write_cursor),
-            Some(f) => Some(&mut f.error_cursor),
-            None => None,
-        };
+        let cursor = files.get_mut(&handle).map(|f| {
+            if by_write {
+                &mut f.write_cursor
+            } else {
+                &mut f.error_cursor
+            }
+        });
         self.writeback
             .take_error(ino, cursor, !by_write)
             .map_or(Ok(()), Err)
@@ -1441,11 +1442,7 @@ impl NfsFs {
             return self.flush(ino, handle).await;
         }
         self.writeback.settle(ino, false).await?;
-        let mut files = self.files.lock();
-        let cursor = files.get_mut(&handle).map(|f| &mut f.error_cursor);
-        self.writeback
-            .take_error(ino, cursor, true)
-            .map_or(Ok(()), Err)
+        self.unreported_error(ino, handle, false)
     }
 
     /// The last close of a descriptor. The kernel throws RELEASE's answer
