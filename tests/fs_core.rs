@@ -273,3 +273,110 @@ async fn a_read_only_close_leaves_a_writers_data_to_the_writer() {
     assert!(calls(&fs) > before, "the writer's close sent it");
     assert!(!fs.writeback().is_dirty(e.ino));
 }
+
+/// Forwards TCP to `to`. The first NFS CREATE call reaches the server, but
+/// its reply never comes back: the proxy then drops the connection, as a
+/// network cut would, and the client has to resend the call.
+async fn create_reply_dropping_proxy(to: u16) -> u16 {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const NFS_PROGRAM: u32 = 100_003;
+    const CREATE: u32 = 8;
+    // A call's header after the record mark: xid, CALL (0), RPC version 2,
+    // program, version, procedure.
+    let is_create = |fragment: &[u8]| {
+        let word = |i: usize| {
+            fragment
+                .get(4 + 4 * i..8 + 4 * i)
+                .map(|w| u32::from_be_bytes(w.try_into().unwrap()))
+        };
+        word(1) == Some(0)
+            && word(2) == Some(2)
+            && word(3) == Some(NFS_PROGRAM)
+            && word(5) == Some(CREATE)
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dropped = Arc::new(AtomicBool::new(false));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", to))
+                .await
+                .unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let back = tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+            let dropped = dropped.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                    // Whole record fragments only, so each can be looked at.
+                    while pending.len() >= 4 {
+                        let mark = u32::from_be_bytes(pending[..4].try_into().unwrap());
+                        let end = 4 + (mark & 0x7fff_ffff) as usize;
+                        if pending.len() < end {
+                            break;
+                        }
+                        let fragment: Vec<u8> = pending.drain(..end).collect();
+                        let lose_reply =
+                            is_create(&fragment) && !dropped.swap(true, Ordering::SeqCst);
+                        if lose_reply {
+                            back.abort();
+                        }
+                        if sw.write_all(&fragment).await.is_err() {
+                            return;
+                        }
+                        if lose_reply {
+                            // The server acts on the call; its reply goes nowhere.
+                            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// An O_EXCL create is one GUARDED CREATE, not EXCLUSIVE plus a SETATTR.
+/// When its reply is lost, the resend finds the file the first copy made
+/// and says EEXIST (memfs has no duplicate request cache); the create must
+/// still succeed, by the atime marker it set. Someone else's file stays
+/// EEXIST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_create_whose_reply_was_lost_still_succeeds() {
+    let port = create_reply_dropping_proxy(start_memfs(MemFsConfig::default()).await).await;
+    let session = mount_memfs(port, RpcConfig::default()).await;
+    let fs = NfsFs::new(
+        session,
+        FsConfig::from_options(&MountOptions::parse("").unwrap()),
+    );
+    let who = Caller::root();
+    let excl = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
+    let connects = |fs: &NfsFs| fs.session().nfs.rpc().stats().connects;
+    let before = connects(&fs);
+    let created = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        fs.create(&who, ROOT_INO, b"lock", 0o640, excl),
+    )
+    .await
+    .expect("the resent CREATE got no answer");
+    assert!(
+        connects(&fs) > before,
+        "the CREATE's reply was not lost: the proxy did not cut the connection"
+    );
+    let (entry, _) = created.expect("a resent exclusive create of our own file");
+    // (memfs ignores a CREATE's mode; mount_ganesha checks it.)
+    assert_eq!(entry.attr.size, 0);
+    assert_eq!(
+        fs.create(&who, ROOT_INO, b"lock", 0o640, excl).await.err(),
+        Some(FsError(libc::EEXIST)),
+        "a file made by an earlier create is not ours"
+    );
+}

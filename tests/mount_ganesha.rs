@@ -580,6 +580,54 @@ fn times_set_after_buffered_writes_survive_close() {
     }
 }
 
+/// An O_EXCL create that is never written keeps the mode asked for and
+/// gets today's times (an EXCLUSIVE CREATE parks its verifier in them, and
+/// they read 1974 and 2069 unless set again). A name that exists, made on
+/// the server or by us, is EEXIST.
+#[test]
+fn an_exclusive_create_has_its_mode_and_current_times() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(g) = ganesha() else { return };
+    let (m, server) = g.fuse_mount("exclusive", "");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let excl = |name: &str| {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(m.path(name))
+    };
+    drop(excl("lock").unwrap());
+    for (what, p) in [("server", server.join("lock")), ("mount", m.path("lock"))] {
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o640, "{what} mode");
+        for (t, v) in [
+            ("mtime", md.mtime()),
+            ("atime", md.atime()),
+            ("ctime", md.ctime()),
+        ] {
+            assert!(
+                (v - now).abs() < 60,
+                "{what} {t} {v} is not about now ({now})"
+            );
+        }
+    }
+    let exists = |r: std::io::Result<fs::File>, what: &str| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        other => panic!("{what}: {other:?}, expected EEXIST"),
+    };
+    exists(excl("lock"), "O_EXCL on our own file");
+    // Looked up as missing first, so the kernel's cached negative entry
+    // lets the O_EXCL open through to the server's GUARDED CREATE.
+    assert!(!m.path("theirs").exists());
+    fs::write(server.join("theirs"), b"x").unwrap();
+    exists(excl("theirs"), "O_EXCL on a file made on the server");
+    assert_eq!(fs::read(server.join("theirs")).unwrap(), b"x");
+}
+
 /// close(2) with its result: `File`'s drop throws a close error away.
 fn close_reporting(f: fs::File) -> std::io::Result<()> {
     use std::os::fd::IntoRawFd;
