@@ -274,67 +274,106 @@ async fn a_read_only_close_leaves_a_writers_data_to_the_writer() {
     assert!(!fs.writeback().is_dirty(e.ino));
 }
 
-/// Forwards TCP to `to`. The first NFS CREATE call reaches the server, but
-/// its reply never comes back: the proxy then drops the connection, as a
-/// network cut would, and the client has to resend the call.
-async fn create_reply_dropping_proxy(to: u16) -> u16 {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// What a [`fault_proxy`] does with one NFS call.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Fault {
+    Pass,
+    /// The server gets the call; its reply is lost, and the connection is
+    /// cut once the server has had time to act, as by a network failure.
+    LoseReply,
+    /// The server never sees the call; the client gets this NFS status,
+    /// with empty wcc_data (the shape of every failure a COMMIT can get).
+    Fail(u32),
+}
+
+/// Reads one record fragment (record mark included) from `r`, or `None` at
+/// the end of the stream.
+async fn read_fragment(
+    r: &mut tokio::net::tcp::OwnedReadHalf,
+    pending: &mut Vec<u8>,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        if pending.len() >= 4 {
+            let mark = u32::from_be_bytes(pending[..4].try_into().unwrap());
+            let end = 4 + (mark & 0x7fff_ffff) as usize;
+            if pending.len() >= end {
+                return Some(pending.drain(..end).collect());
+            }
+        }
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Forwards TCP to `to`, whole record fragments at a time, and asks `fault`
+/// what to do with each NFS call by its procedure number.
+async fn fault_proxy(to: u16, fault: impl Fn(u32) -> Fault + Send + Sync + 'static) -> u16 {
+    use tokio::io::AsyncWriteExt;
     const NFS_PROGRAM: u32 = 100_003;
-    const CREATE: u32 = 8;
+    let fault = Arc::new(fault);
     // A call's header after the record mark: xid, CALL (0), RPC version 2,
     // program, version, procedure.
-    let is_create = |fragment: &[u8]| {
+    let nfs_call = |fragment: &[u8]| {
         let word = |i: usize| {
             fragment
                 .get(4 + 4 * i..8 + 4 * i)
                 .map(|w| u32::from_be_bytes(w.try_into().unwrap()))
         };
-        word(1) == Some(0)
-            && word(2) == Some(2)
-            && word(3) == Some(NFS_PROGRAM)
-            && word(5) == Some(CREATE)
+        (word(1) == Some(0) && word(2) == Some(2) && word(3) == Some(NFS_PROGRAM))
+            .then(|| (word(0).unwrap(), word(5).unwrap_or(u32::MAX)))
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let dropped = Arc::new(AtomicBool::new(false));
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let server = tokio::net::TcpStream::connect(("127.0.0.1", to))
                 .await
                 .unwrap();
-            let (mut cr, mut cw) = client.into_split();
+            let (mut cr, cw) = client.into_split();
             let (mut sr, mut sw) = server.into_split();
-            let back = tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
-            let dropped = dropped.clone();
+            let cw = Arc::new(tokio::sync::Mutex::new(cw));
+            let back = {
+                let cw = cw.clone();
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    while let Some(f) = read_fragment(&mut sr, &mut pending).await {
+                        if cw.lock().await.write_all(&f).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            };
+            let fault = fault.clone();
             tokio::spawn(async move {
                 let mut pending = Vec::new();
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    match cr.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => pending.extend_from_slice(&buf[..n]),
-                    }
-                    // Whole record fragments only, so each can be looked at.
-                    while pending.len() >= 4 {
-                        let mark = u32::from_be_bytes(pending[..4].try_into().unwrap());
-                        let end = 4 + (mark & 0x7fff_ffff) as usize;
-                        if pending.len() < end {
-                            break;
+                while let Some(f) = read_fragment(&mut cr, &mut pending).await {
+                    let call = nfs_call(&f);
+                    match call.map_or(Fault::Pass, |(_, procedure)| fault(procedure)) {
+                        Fault::Pass => {
+                            if sw.write_all(&f).await.is_err() {
+                                return;
+                            }
                         }
-                        let fragment: Vec<u8> = pending.drain(..end).collect();
-                        let lose_reply =
-                            is_create(&fragment) && !dropped.swap(true, Ordering::SeqCst);
-                        if lose_reply {
+                        Fault::LoseReply => {
                             back.abort();
-                        }
-                        if sw.write_all(&fragment).await.is_err() {
-                            return;
-                        }
-                        if lose_reply {
-                            // The server acts on the call; its reply goes nowhere.
+                            let _ = sw.write_all(&f).await;
                             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
                             return;
+                        }
+                        Fault::Fail(status) => {
+                            let xid = call.unwrap().0;
+                            // Accepted reply, AUTH_NONE verifier, SUCCESS; then
+                            // the status and wcc_data with no attributes.
+                            let words = [0x8000_0000 | 36, xid, 1, 0, 0, 0, 0, status, 0, 0];
+                            let reply: Vec<u8> =
+                                words.iter().flat_map(|w| w.to_be_bytes()).collect();
+                            if cw.lock().await.write_all(&reply).await.is_err() {
+                                return;
+                            }
                         }
                     }
                 }
@@ -351,7 +390,16 @@ async fn create_reply_dropping_proxy(to: u16) -> u16 {
 /// EEXIST.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exclusive_create_whose_reply_was_lost_still_succeeds() {
-    let port = create_reply_dropping_proxy(start_memfs(MemFsConfig::default()).await).await;
+    const CREATE: u32 = 8;
+    let once = std::sync::atomic::AtomicBool::new(false);
+    let lose_first_create = move |procedure| {
+        if procedure == CREATE && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            Fault::LoseReply
+        } else {
+            Fault::Pass
+        }
+    };
+    let port = fault_proxy(start_memfs(MemFsConfig::default()).await, lose_first_create).await;
     let session = mount_memfs(port, RpcConfig::default()).await;
     let fs = NfsFs::new(
         session,
@@ -379,4 +427,78 @@ async fn an_exclusive_create_whose_reply_was_lost_still_succeeds() {
         Some(FsError(libc::EEXIST)),
         "a file made by an earlier create is not ours"
     );
+}
+
+/// A COMMIT the server fails keeps the data: fsync reports the failure
+/// (EIO), and the next fsync commits the same data again instead of
+/// treating it as done. Against ganesha through a proxy that fails COMMITs
+/// while told to (memfs writes FILE_SYNC, so it is never asked to commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_keeps_the_data_for_the_next_fsync() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const COMMIT: u32 = 21;
+    const NFS3ERR_IO: u32 = 5;
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("commitfail");
+    let failing = Arc::new(AtomicBool::new(true));
+    let commits = Arc::new(AtomicU64::new(0));
+    let fault = {
+        let (failing, commits) = (failing.clone(), commits.clone());
+        move |procedure| {
+            if procedure != COMMIT {
+                return Fault::Pass;
+            }
+            commits.fetch_add(1, Ordering::SeqCst);
+            if failing.load(Ordering::SeqCst) {
+                Fault::Fail(NFS3ERR_IO)
+            } else {
+                Fault::Pass
+            }
+        }
+    };
+    // The default instance's fixed ports (scripts/ganesha.sh): NFS through
+    // the proxy, MOUNT straight.
+    let cfg = csi_nfs_fuse::nfs::ConnectConfig {
+        port: Some(fault_proxy(2049, fault).await),
+        mountport: Some(20048),
+        handshake_timeout: std::time::Duration::from_secs(10),
+        ..Default::default()
+    };
+    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
+        .await
+        .unwrap();
+    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let who = Caller::root();
+    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
+    let (e, h) = fs
+        .create(&who, top, b"f", 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let data = content(3 << 20);
+    const PIECE: usize = 128 << 10;
+    for (i, piece) in data.chunks(PIECE).enumerate() {
+        let at = (i * PIECE) as u64;
+        fs.write(&who, e.ino, h.fh, at, piece.to_vec())
+            .await
+            .unwrap();
+    }
+    assert_eq!(fs.fsync(e.ino, h.fh).await, Err(FsError::IO));
+    assert!(commits.load(Ordering::SeqCst) >= 1);
+    assert!(
+        fs.writeback().has_pending(e.ino),
+        "the data whose COMMIT failed was dropped"
+    );
+
+    failing.store(false, Ordering::SeqCst);
+    let refused = commits.load(Ordering::SeqCst);
+    fs.fsync(e.ino, h.fh).await.unwrap();
+    assert!(
+        commits.load(Ordering::SeqCst) > refused,
+        "the second fsync did not commit again"
+    );
+    assert!(!fs.writeback().has_pending(e.ino));
+    fs.flush(e.ino, h.fh).await.unwrap();
+    fs.release(&who, e.ino, h.fh).await.unwrap();
+    assert_eq!(std::fs::read(on_disk.join("f")).unwrap(), data);
+    std::fs::remove_dir_all(on_disk).unwrap();
 }
