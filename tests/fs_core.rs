@@ -309,9 +309,12 @@ async fn read_fragment(
     }
 }
 
-/// Forwards TCP to `to`, whole record fragments at a time, and asks `fault`
+/// Listens on `to`'s address and forwards TCP to `to`, whole record fragments at a time, and asks `fault`
 /// what to do with each NFS call by its procedure number.
-async fn fault_proxy(to: u16, fault: impl Fn(u32) -> Fault + Send + Sync + 'static) -> u16 {
+async fn fault_proxy(
+    to: std::net::SocketAddr,
+    fault: impl Fn(u32) -> Fault + Send + Sync + 'static,
+) -> u16 {
     use tokio::io::AsyncWriteExt;
     const NFS_PROGRAM: u32 = 100_003;
     let fault = Arc::new(fault);
@@ -326,13 +329,11 @@ async fn fault_proxy(to: u16, fault: impl Fn(u32) -> Fault + Send + Sync + 'stat
         (word(1) == Some(0) && word(2) == Some(2) && word(3) == Some(NFS_PROGRAM))
             .then(|| (word(0).unwrap(), word(5).unwrap_or(u32::MAX)))
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind((to.ip(), 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let server = tokio::net::TcpStream::connect(("127.0.0.1", to))
-                .await
-                .unwrap();
+            let server = tokio::net::TcpStream::connect(to).await.unwrap();
             let (mut cr, cw) = client.into_split();
             let (mut sr, mut sw) = server.into_split();
             let cw = Arc::new(tokio::sync::Mutex::new(cw));
@@ -350,8 +351,18 @@ async fn fault_proxy(to: u16, fault: impl Fn(u32) -> Fault + Send + Sync + 'stat
             let fault = fault.clone();
             tokio::spawn(async move {
                 let mut pending = Vec::new();
+                // Only a record's first fragment starts with a call header.
+                let mut record_start = true;
                 while let Some(f) = read_fragment(&mut cr, &mut pending).await {
-                    let call = nfs_call(&f);
+                    let last = f[0] & 0x80 != 0;
+                    // Faults apply to calls sent whole in one fragment (all
+                    // but large WRITEs); the rest pass.
+                    let call = if record_start && last {
+                        nfs_call(&f)
+                    } else {
+                        None
+                    };
+                    record_start = last;
                     match call.map_or(Fault::Pass, |(_, procedure)| fault(procedure)) {
                         Fault::Pass => {
                             if sw.write_all(&f).await.is_err() {
@@ -399,7 +410,8 @@ async fn an_exclusive_create_whose_reply_was_lost_still_succeeds() {
             Fault::Pass
         }
     };
-    let port = fault_proxy(start_memfs(MemFsConfig::default()).await, lose_first_create).await;
+    let memfs = ([127, 0, 0, 1], start_memfs(MemFsConfig::default()).await).into();
+    let port = fault_proxy(memfs, lose_first_create).await;
     let session = mount_memfs(port, RpcConfig::default()).await;
     let fs = NfsFs::new(
         session,
@@ -456,11 +468,20 @@ async fn a_failed_commit_keeps_the_data_for_the_next_fsync() {
             }
         }
     };
-    // The default instance's fixed ports (scripts/ganesha.sh): NFS through
-    // the proxy, MOUNT straight.
+    // NFS through the proxy, MOUNT straight (ports from scripts/test.sh,
+    // else the default instance's).
+    let port = |var: &str, default: u16| {
+        std::env::var(var)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(default)
+    };
+    let nfs = format!("{}:{}", g.host, port("CSI_NFS_FUSE_GANESHA_NFS_PORT", 2049))
+        .parse()
+        .expect("the ganesha host is an address");
     let cfg = csi_nfs_fuse::nfs::ConnectConfig {
-        port: Some(fault_proxy(2049, fault).await),
-        mountport: Some(20048),
+        port: Some(fault_proxy(nfs, fault).await),
+        mountport: Some(port("CSI_NFS_FUSE_GANESHA_MOUNT_PORT", 20048)),
         handshake_timeout: std::time::Duration::from_secs(10),
         ..Default::default()
     };

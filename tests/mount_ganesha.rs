@@ -580,10 +580,10 @@ fn times_set_after_buffered_writes_survive_close() {
     }
 }
 
-/// An O_EXCL create that is never written keeps the mode asked for and
-/// gets today's times (an EXCLUSIVE CREATE parks its verifier in them, and
-/// they read 1974 and 2069 unless set again). A name that exists, made on
-/// the server or by us, is EEXIST.
+/// An O_EXCL create, or a mknod(2) of a regular file, that is never
+/// written keeps the mode asked for and gets today's times (an EXCLUSIVE
+/// CREATE parks its verifier in them, and they read 1974 and 2069 unless set
+/// again). A name that exists, made on the server or by us, is EEXIST.
 #[test]
 fn an_exclusive_create_has_its_mode_and_current_times() {
     use std::os::unix::fs::OpenOptionsExt;
@@ -601,8 +601,18 @@ fn an_exclusive_create_has_its_mode_and_current_times() {
             .open(m.path(name))
     };
     drop(excl("lock").unwrap());
-    for (what, p) in [("server", server.join("lock")), ("mount", m.path("lock"))] {
+    let node = nix::sys::stat::Mode::from_bits_truncate(0o640);
+    nix::sys::stat::mknod(&m.path("node"), nix::sys::stat::SFlag::S_IFREG, node, 0).unwrap();
+    let made = [
+        server.join("lock"),
+        m.path("lock"),
+        server.join("node"),
+        m.path("node"),
+    ];
+    for p in made {
+        let what = p.display();
         let md = fs::metadata(&p).unwrap();
+        assert!(md.is_file(), "{what}");
         assert_eq!(md.mode() & 0o7777, 0o640, "{what} mode");
         for (t, v) in [
             ("mtime", md.mtime()),
@@ -620,8 +630,13 @@ fn an_exclusive_create_has_its_mode_and_current_times() {
         other => panic!("{what}: {other:?}, expected EEXIST"),
     };
     exists(excl("lock"), "O_EXCL on our own file");
-    // Looked up as missing first, so the kernel's cached negative entry
-    // lets the O_EXCL open through to the server's GUARDED CREATE.
+    assert_eq!(
+        nix::sys::stat::mknod(&m.path("node"), nix::sys::stat::SFlag::S_IFREG, node, 0),
+        Err(nix::errno::Errno::EEXIST)
+    );
+    // Looked up as missing first: while the kernel's negative entry lasts
+    // (a second), the O_EXCL open goes through to the server's GUARDED
+    // CREATE, which finds the name taken by a file that is not ours.
     assert!(!m.path("theirs").exists());
     fs::write(server.join("theirs"), b"x").unwrap();
     exists(excl("theirs"), "O_EXCL on a file made on the server");

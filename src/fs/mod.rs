@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use nfs3_types::nfs3::{
-    Nfs3Option, createhow3, devicedata3, mknoddata3, nfstime3, sattr3, set_atime, set_mtime,
-    specdata3,
+    Nfs3Option, createhow3, createverf3, devicedata3, mknoddata3, nfstime3, sattr3, set_atime,
+    set_mtime, specdata3,
 };
 use parking_lot::Mutex;
 
@@ -26,7 +26,9 @@ pub use errno::FsError;
 pub use inode::{AttrTimeouts, ROOT_INO};
 
 use crate::nfs::client::sattr_mode;
-use crate::nfs::{CookieVerf, CreatedOk, Fattr, FileHandle, FileType, NfsClient, NfsSession, Wcc};
+use crate::nfs::{
+    CookieVerf, CreatedOk, Fattr, FileHandle, FileType, NfsClient, NfsSession, NfsTime, Wcc,
+};
 use crate::options::{LookupCache, MountOptions};
 use crate::rpc::{AuthSys, Credential};
 use inode::{InodeTable, Observed};
@@ -233,14 +235,24 @@ fn check_name(name: &[u8]) -> Result<(), FsError> {
     Ok(())
 }
 
-/// The atime an exclusive create sets, to know its own file again: the
-/// client's clock to the microsecond (a server's own times are whole
-/// nanoseconds, so they match it one time in a thousand at most, and only
-/// within the same microsecond).
-fn exclusive_marker(now: SystemTime) -> nfstime3 {
+/// The step an exclusive create's atime marker is cut to, so that a server
+/// keeping times to `delta` (FSINFO time_delta) stores it exactly: at least a
+/// microsecond, and a multiple of `delta`. `None` when the server keeps
+/// times more coarsely than a millisecond: its marker would be shared by
+/// too many creates to tell ours.
+fn marker_step(delta: NfsTime) -> Option<u32> {
+    match (delta.seconds, delta.nseconds) {
+        (0, 0) => Some(1000),
+        (0, g @ 1..=1_000_000) => Some(1000u32.div_ceil(g) * g),
+        _ => None,
+    }
+}
+
+/// The atime an exclusive create sets, to know its own file again.
+fn exclusive_marker(now: SystemTime, step: u32) -> nfstime3 {
     let t = to_nfstime(now);
     nfstime3 {
-        nseconds: t.nseconds / 1000 * 1000,
+        nseconds: t.nseconds / step * step,
         ..t
     }
 }
@@ -1217,13 +1229,15 @@ impl NfsFs {
     }
 
     /// O_EXCL. The kernel client sends an EXCLUSIVE CREATE and then a
-    /// SETATTR for the mode and times the verifier took (RFC 1813 §3.3.8);
-    /// one GUARDED CREATE carrying the mode saves that round trip on every
-    /// file tar or mkstemp makes. EXCLUSIVE exists so that a CREATE resent
-    /// after a lost reply finds its own file instead of EEXIST. GUARDED keeps
-    /// that promise here with a marker: the CREATE sets atime to this
-    /// client's clock to the microsecond, and on EEXIST a file whose atime is
-    /// exactly that marker is the one our first copy made.
+    /// SETATTR for the mode and the times the verifier took (RFC 1813
+    /// §3.3.8); one GUARDED CREATE carrying the mode saves that round trip on
+    /// every file tar or mkstemp makes. EXCLUSIVE exists so that a CREATE
+    /// resent after a lost reply finds its own file instead of EEXIST.
+    /// GUARDED keeps that promise with a marker: the CREATE sets atime to
+    /// this client's clock (to the microsecond, or the server's time_delta),
+    /// and when the call may have gone out twice, an EEXIST whose file has
+    /// exactly that atime is the file our first copy made. A server that
+    /// keeps times more coarsely than a millisecond gets EXCLUSIVE.
     async fn create_exclusive(
         &self,
         c: &Caller,
@@ -1233,11 +1247,33 @@ impl NfsFs {
         mode: u32,
     ) -> Result<Entry, FsError> {
         let cred = self.cred(c);
-        let marker = exclusive_marker(SystemTime::now());
+        let Some(step) = marker_step(self.session.fsinfo.time_delta) else {
+            let verf = createverf3(rand::random());
+            let ok = self
+                .nfs
+                .create(&cred, dir, name, createhow3::EXCLUSIVE(verf))
+                .await?;
+            let entry = self.created(c, parent, dir, name, ok).await?;
+            // The verifier sits in atime and mtime until they are set.
+            let set = SetAttrs {
+                mode: Some(mode),
+                atime: Some(TimeSet::Now),
+                mtime: Some(TimeSet::Now),
+                ..Default::default()
+            };
+            let (attr, _) = self.setattr(c, entry.ino, set).await?;
+            return Ok(Entry { attr, ..entry });
+        };
+        let marker = exclusive_marker(SystemTime::now(), step);
         let attrs = sattr3 {
             atime: set_atime::SET_TO_CLIENT_TIME(marker),
             ..sattr_mode(mode & 0o7777)
         };
+        let resends = || {
+            let s = self.nfs.rpc().stats();
+            (s.connects, s.retransmits)
+        };
+        let before = resends();
         let taken = match self
             .nfs
             .create(&cred, dir, name, createhow3::GUARDED(attrs))
@@ -1249,26 +1285,34 @@ impl NfsFs {
             }
             Err(e) => return Err(e.into()),
         };
-        let found = self.nfs.lookup(&cred, dir, name).await.ok();
-        let ours = found
-            .as_ref()
-            .and_then(|l| l.attr.as_ref())
-            .is_some_and(|a| {
-                a.ftype == FileType::Regular
-                    && a.atime.seconds == marker.seconds
-                    && a.atime.nseconds == marker.nseconds
-            });
-        match found {
-            Some(l) if ours => {
-                tracing::debug!(name = %String::from_utf8_lossy(name), "a resent exclusive CREATE found its own file");
-                // No wcc for our own change: what the directory holds is
-                // known again only after the next listing.
-                self.unsure_of(&[parent]);
-                self.named_entry(&cred, parent, name, &l.fh, l.attr, Observed::Changed)
-                    .await
-            }
-            _ => Err(taken),
+        // Only a call that was written again (a reconnect or a retransmit
+        // anywhere on the mount, counted conservatively) can have made the
+        // file itself; otherwise a racing creator in the same microsecond
+        // could pass for us and both would hold the "exclusive" file.
+        if resends() == before {
+            return Err(taken);
         }
+        let sent = Observed::Since(self.inodes.stamp());
+        let Ok(found) = self.nfs.lookup(&cred, dir, name).await else {
+            return Err(taken);
+        };
+        if let Some(d) = found.dir_attr {
+            self.inodes.update_attr(parent, &d, sent);
+        }
+        let ours = found.attr.as_ref().is_some_and(|a| {
+            a.ftype == FileType::Regular
+                && a.atime.seconds == marker.seconds
+                && a.atime.nseconds == marker.nseconds
+        });
+        if !ours {
+            return Err(taken);
+        }
+        tracing::info!(name = %String::from_utf8_lossy(name), "a resent exclusive CREATE found the file its first copy made");
+        // No wcc for our own change: what the directory holds is known again
+        // only after the next listing.
+        self.unsure_of(&[parent]);
+        self.named_entry(&cred, parent, name, &found.fh, found.attr, sent)
+            .await
     }
 
     /// READ. Sequential readers go through the page cache with readahead;
@@ -1759,5 +1803,26 @@ impl NfsFs {
 
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_markers_are_cut_to_what_the_server_keeps() {
+        let step = |seconds, nseconds| marker_step(NfsTime { seconds, nseconds });
+        assert_eq!(step(0, 0), Some(1000));
+        assert_eq!(step(0, 1), Some(1000));
+        assert_eq!(step(0, 100), Some(1000), "ganesha's 100 ns");
+        assert_eq!(step(0, 300), Some(1200));
+        assert_eq!(step(0, 1_000_000), Some(1_000_000), "memfs's 1 ms");
+        assert_eq!(step(0, 1_000_001), None);
+        assert_eq!(step(1, 0), None, "whole seconds: EXCLUSIVE instead");
+        let at = SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 123_456_789);
+        let m = exclusive_marker(at, 1200);
+        assert_eq!((m.seconds, m.nseconds), (1_800_000_000, 123_456_000));
+        assert_eq!(exclusive_marker(at, 1_000_000).nseconds, 123_000_000);
     }
 }

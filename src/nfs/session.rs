@@ -259,6 +259,13 @@ async fn connect_inner(
     }
     let rsize = clamp_transfer(cfg.rsize, fsinfo.rtmax);
     let wsize = clamp_transfer(cfg.wsize, fsinfo.wtmax);
+    tracing::debug!(
+        rtmax = fsinfo.rtmax,
+        wtmax = fsinfo.wtmax,
+        time_delta = ?fsinfo.time_delta,
+        properties = fsinfo.properties,
+        "FSINFO"
+    );
     Ok(NfsSession {
         nfs,
         root,
