@@ -275,7 +275,7 @@ async fn a_read_only_close_leaves_a_writers_data_to_the_writer() {
 }
 
 /// What a [`fault_proxy`] does with one NFS call.
-#[derive(Clone, Copy, PartialEq, Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Fault {
     Pass,
     /// The server gets the call; its reply is lost, and the connection is
@@ -284,6 +284,9 @@ enum Fault {
     /// The server never sees the call; the client gets this NFS status,
     /// with empty wcc_data (the shape of every failure a COMMIT can get).
     Fail(u32),
+    /// The server answers, and this edits its reply (the whole fragment,
+    /// record mark included) on the way back.
+    EditReply(fn(&mut [u8])),
 }
 
 /// Reads one record fragment (record mark included) from `r`, or `None` at
@@ -337,11 +340,19 @@ async fn fault_proxy(
             let (mut cr, cw) = client.into_split();
             let (mut sr, mut sw) = server.into_split();
             let cw = Arc::new(tokio::sync::Mutex::new(cw));
+            let edits = Arc::new(parking_lot::Mutex::new(std::collections::HashMap::new()));
             let back = {
-                let cw = cw.clone();
+                let (cw, edits) = (cw.clone(), edits.clone());
                 tokio::spawn(async move {
                     let mut pending = Vec::new();
-                    while let Some(f) = read_fragment(&mut sr, &mut pending).await {
+                    while let Some(mut f) = read_fragment(&mut sr, &mut pending).await {
+                        let xid = f
+                            .get(4..8)
+                            .map(|w| u32::from_be_bytes(w.try_into().unwrap()));
+                        let edit: Option<fn(&mut [u8])> = xid.and_then(|x| edits.lock().remove(&x));
+                        if let Some(edit) = edit {
+                            edit(&mut f);
+                        }
                         if cw.lock().await.write_all(&f).await.is_err() {
                             return;
                         }
@@ -374,6 +385,12 @@ async fn fault_proxy(
                             let _ = sw.write_all(&f).await;
                             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
                             return;
+                        }
+                        Fault::EditReply(edit) => {
+                            edits.lock().insert(call.unwrap().0, edit);
+                            if sw.write_all(&f).await.is_err() {
+                                return;
+                            }
                         }
                         Fault::Fail(status) => {
                             let xid = call.unwrap().0;
@@ -441,6 +458,30 @@ async fn an_exclusive_create_whose_reply_was_lost_still_succeeds() {
     );
 }
 
+/// A connection config for the ganesha export with NFS calls through a
+/// [`fault_proxy`] and MOUNT straight (ports from scripts/test.sh, else the
+/// default instance's).
+async fn ganesha_through(
+    g: &Ganesha,
+    fault: impl Fn(u32) -> Fault + Send + Sync + 'static,
+) -> csi_nfs_fuse::nfs::ConnectConfig {
+    let port = |var: &str, default: u16| {
+        std::env::var(var)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(default)
+    };
+    let nfs = format!("{}:{}", g.host, port("CSI_NFS_FUSE_GANESHA_NFS_PORT", 2049))
+        .parse()
+        .expect("the ganesha host is an address");
+    csi_nfs_fuse::nfs::ConnectConfig {
+        port: Some(fault_proxy(nfs, fault).await),
+        mountport: Some(port("CSI_NFS_FUSE_GANESHA_MOUNT_PORT", 20048)),
+        handshake_timeout: std::time::Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
 /// A COMMIT the server fails keeps the data: fsync reports the failure
 /// (EIO), and the next fsync commits the same data again instead of
 /// treating it as done. Against ganesha through a proxy that fails COMMITs
@@ -468,23 +509,7 @@ async fn a_failed_commit_keeps_the_data_for_the_next_fsync() {
             }
         }
     };
-    // NFS through the proxy, MOUNT straight (ports from scripts/test.sh,
-    // else the default instance's).
-    let port = |var: &str, default: u16| {
-        std::env::var(var)
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(default)
-    };
-    let nfs = format!("{}:{}", g.host, port("CSI_NFS_FUSE_GANESHA_NFS_PORT", 2049))
-        .parse()
-        .expect("the ganesha host is an address");
-    let cfg = csi_nfs_fuse::nfs::ConnectConfig {
-        port: Some(fault_proxy(nfs, fault).await),
-        mountport: Some(port("CSI_NFS_FUSE_GANESHA_MOUNT_PORT", 20048)),
-        handshake_timeout: std::time::Duration::from_secs(10),
-        ..Default::default()
-    };
+    let cfg = ganesha_through(&g, fault).await;
     let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
         .await
         .unwrap();
@@ -521,5 +546,76 @@ async fn a_failed_commit_keeps_the_data_for_the_next_fsync() {
     fs.flush(e.ino, h.fh).await.unwrap();
     fs.release(&who, e.ino, h.fh).await.unwrap();
     assert_eq!(std::fs::read(on_disk.join("f")).unwrap(), data);
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
+/// A server that keeps times only to the second (FSINFO time_delta, here
+/// rewritten on the way back from ganesha) cannot show an exclusive
+/// create's atime marker, so O_EXCL goes EXCLUSIVE as the kernel sends it,
+/// and the SETATTR after it replaces the verifier in atime and mtime with
+/// real times and sets the mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_create_on_a_coarse_clock_server_sets_mode_and_times() {
+    const FSINFO: u32 = 19;
+    const SETATTR: u32 = 2;
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("coarseclock");
+    // After the record mark: xid, REPLY, MSG_ACCEPTED, the verifier
+    // (flavor, length, body), SUCCESS; then FSINFO3res: status, post_op_attr
+    // (a flag, then 84 bytes of fattr3), seven u32 sizes, maxfilesize,
+    // time_delta.
+    fn whole_seconds(f: &mut [u8]) {
+        let word = |f: &[u8], at: usize| u32::from_be_bytes(f[at..at + 4].try_into().unwrap());
+        let verf_len = word(f, 20) as usize;
+        let mut at = 24 + verf_len.div_ceil(4) * 4 + 4;
+        assert_eq!(word(f, at), 0, "FSINFO failed");
+        at += 4;
+        if word(f, at) == 1 {
+            at += 84;
+        }
+        at += 4 + 7 * 4 + 8;
+        f[at..at + 8].copy_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+    }
+    let setattrs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let fault = {
+        let seen = setattrs.clone();
+        move |procedure| match procedure {
+            FSINFO => Fault::EditReply(whole_seconds),
+            SETATTR => {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Fault::Pass
+            }
+            _ => Fault::Pass,
+        }
+    };
+    let cfg = ganesha_through(&g, fault).await;
+    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
+        .await
+        .unwrap();
+    assert_eq!(
+        session.fsinfo.time_delta.seconds, 1,
+        "the proxy did not edit FSINFO"
+    );
+    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let who = Caller::root();
+    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
+    let excl = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
+    let (e, h) = fs.create(&who, top, b"lock", 0o640, excl).await.unwrap();
+    fs.release(&who, e.ino, h.fh).await.unwrap();
+    // The SETATTR is what an EXCLUSIVE create needs and a GUARDED one not.
+    assert_eq!(setattrs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let now = std::time::SystemTime::now();
+    let md = std::fs::metadata(on_disk.join("lock")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(md.mode() & 0o7777, 0o640);
+    for (what, t) in [("atime", md.accessed()), ("mtime", md.modified())] {
+        let t = t.unwrap();
+        let off = now.duration_since(t).unwrap_or_else(|e| e.duration());
+        assert!(off.as_secs() < 60, "{what} {t:?} is not about now");
+    }
+    assert_eq!(
+        fs.create(&who, top, b"lock", 0o640, excl).await.err(),
+        Some(FsError(libc::EEXIST))
+    );
     std::fs::remove_dir_all(on_disk).unwrap();
 }
