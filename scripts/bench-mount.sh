@@ -194,6 +194,44 @@ printf 'CPU stolen by the hypervisor during the timed steps:'
 for kind in "${KINDS[@]}"; do
     awk -v k="$kind" '$1 == k {s += $2; t += $3} END {printf " %s %.0f%%", k, t ? 100 * s / t : 0}' "$WORK/steal"
 done
+
+# The targets of issue 4, judged on this run's medians. "5 GB/s" is read as
+# 10^9 bytes a second (4,768 MiB/s).
+CACHE_MIB=256
+if [[ $OPTS =~ cache_size=([0-9]+)([KkMmGg]?) ]]; then
+    case ${BASH_REMATCH[2]} in
+        [Kk]) CACHE_MIB=$(( BASH_REMATCH[1] / 1024 )) ;;
+        [Gg]) CACHE_MIB=$(( BASH_REMATCH[1] * 1024 )) ;;
+        [Mm]) CACHE_MIB=${BASH_REMATCH[1]} ;;
+        *) CACHE_MIB=$(( BASH_REMATCH[1] / 1048576 )) ;;
+    esac
+fi
+MET=0
+judge() { # judge LABEL HOLDS DETAIL
+    local word=MISSED
+    if [[ $2 == 1 ]]; then word=met; MET=$((MET + 1)); fi
+    printf '  %-40s %-7s %s\n' "$1" "$word" "$3"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", b ? a / b : 0}'; }
+atleast() { awk -v a="$1" -v b="$2" 'BEGIN {print (a >= b) ? 1 : 0}'; }
+atmost() { awk -v a="$1" -v b="$2" 'BEGIN {print (a <= b) ? 1 : 0}'; }
+printf '\nTargets (issue 4), this run:\n'
+x=$(ratio "${R[csi-nfs-fuse.w]}" "${R[libnfs.w]}")
+judge "seq write >= 0.9x nfs-cp" "$(atleast "$x" 0.9)" "${x}x"
+x=$(ratio "${R[csi-nfs-fuse.cr]}" "${R[libnfs.cr]}")
+judge "cold seq read >= 0.8x nfs-cat" "$(atleast "$x" 0.8)" "${x}x"
+x=$(awk -v m="${R[csi-nfs-fuse.wr]}" 'BEGIN {printf "%.2f", m * 1048576 / 1e9}')
+judge "warm re-read >= 5 GB/s" "$(atleast "$x" 5)" "$x GB/s"
+x=$(ratio "${R[csi-nfs-fuse.r1]}" "${R[libnfs.r1]}")
+judge "rand read 1 job >= 0.95x libnfs" "$(atleast "$x" 0.95)" "${x}x"
+judge "rand read 4 jobs >= 24k IOPS" "$(atleast "${R[csi-nfs-fuse.r4]}" 24000)" "${R[csi-nfs-fuse.r4]}"
+judge "create 10,000 <= 4.5 s" "$(atmost "${R[csi-nfs-fuse.c]}" 4.5)" "${R[csi-nfs-fuse.c]} s"
+judge "ls -l <= 1.0 s" "$(atmost "${R[csi-nfs-fuse.l]}" 1.0)" "${R[csi-nfs-fuse.l]} s"
+judge "rm <= 2.5 s" "$(atmost "${R[csi-nfs-fuse.d]}" 2.5)" "${R[csi-nfs-fuse.d]} s"
+judge "untar <= 7 s" "$(atmost "${R[csi-nfs-fuse.u]}" 7)" "${R[csi-nfs-fuse.u]} s"
+x=$(( ${R[rss]} / 1024 ))
+judge "peak RSS <= cache_size + 64 MiB" "$(atmost "$x" $((CACHE_MIB + 64)))" "$x of $((CACHE_MIB + 64)) MiB"
+printf '  %s of 10 met\n' "$MET"
 printf '\nEvery run, in order (seconds):\n'
 for row in w cr wr c l d u; do
     for kind in "${KINDS[@]}"; do
