@@ -1059,10 +1059,7 @@ async fn each_mount_has_its_own_channel() {
     // Each mount process holds its own TCP connections, also the two on
     // the same server: no socket is shared between processes, and each has
     // an ESTABLISHED connection of its own to the server's NFS port.
-    let nfs_port: u16 = std::env::var("CSI_NFS_FUSE_GANESHA_NFS_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(2049);
+    let nfs_port = g.nfs_port;
     let mut seen_inodes: Vec<u64> = Vec::new();
     let mut seen_ports: Vec<u16> = Vec::new();
     for (t, server_port) in [(&td, g2.nfs_port), (&th, nfs_port), (&th2, nfs_port)] {

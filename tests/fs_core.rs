@@ -459,24 +459,17 @@ async fn an_exclusive_create_whose_reply_was_lost_still_succeeds() {
 }
 
 /// A connection config for the ganesha export with NFS calls through a
-/// [`fault_proxy`] and MOUNT straight (ports from scripts/test.sh, else the
-/// default instance's).
+/// [`fault_proxy`] and MOUNT straight.
 async fn ganesha_through(
     g: &Ganesha,
     fault: impl Fn(u32) -> Fault + Send + Sync + 'static,
 ) -> csi_nfs_fuse::nfs::ConnectConfig {
-    let port = |var: &str, default: u16| {
-        std::env::var(var)
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(default)
-    };
-    let nfs = format!("{}:{}", g.host, port("CSI_NFS_FUSE_GANESHA_NFS_PORT", 2049))
+    let nfs = format!("{}:{}", g.host, g.nfs_port)
         .parse()
         .expect("the ganesha host is an address");
     csi_nfs_fuse::nfs::ConnectConfig {
         port: Some(fault_proxy(nfs, fault).await),
-        mountport: Some(port("CSI_NFS_FUSE_GANESHA_MOUNT_PORT", 20048)),
+        mountport: Some(g.mount_port),
         handshake_timeout: std::time::Duration::from_secs(10),
         ..Default::default()
     }

@@ -50,6 +50,9 @@ pub struct Ganesha {
     pub export: String,
     /// The exported directory on this machine.
     pub dir: PathBuf,
+    /// NFS and MOUNT ports (scripts/test.sh's, else the default instance's).
+    pub nfs_port: u16,
+    pub mount_port: u16,
 }
 
 /// Returns the ganesha export, or `None` (printing SKIP) when it is not
@@ -60,11 +63,22 @@ pub fn ganesha() -> Option<Ganesha> {
         std::env::var("CSI_NFS_FUSE_GANESHA_EXPORT"),
         std::env::var("CSI_NFS_FUSE_GANESHA_DIR"),
     ) {
-        (Ok(export), Ok(dir)) => Some(Ganesha {
-            host: std::env::var("CSI_NFS_FUSE_GANESHA_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
-            export,
-            dir: dir.into(),
-        }),
+        (Ok(export), Ok(dir)) => {
+            let port = |var: &str, default: u16| {
+                std::env::var(var)
+                    .ok()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(default)
+            };
+            Some(Ganesha {
+                host: std::env::var("CSI_NFS_FUSE_GANESHA_HOST")
+                    .unwrap_or_else(|_| "127.0.0.1".into()),
+                export,
+                dir: dir.into(),
+                nfs_port: port("CSI_NFS_FUSE_GANESHA_NFS_PORT", 2049),
+                mount_port: port("CSI_NFS_FUSE_GANESHA_MOUNT_PORT", 20048),
+            })
+        }
         _ => {
             if std::env::var("CSI_NFS_FUSE_REQUIRE_GANESHA").as_deref() == Ok("1") {
                 panic!(
