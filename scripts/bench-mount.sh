@@ -19,8 +19,10 @@
 # this VM it matters: the root ext4 has no journal, so its inode allocator
 # checks each free inode's deletion time (fs/ext4/ialloc.c, recently_deleted)
 # and 10,000 local creates take 1-4 s depending on what was deleted before.
-# Runs interleave the kinds, and the script prints every run and the CPU
-# share the hypervisor stole during each kind's timed steps.
+# Runs interleave the kinds, and the script prints every run, the CPU
+# share the hypervisor stole during each kind's timed steps, and where the
+# two cores' time went in each step: the server (ganesha), the rest (the
+# client side: its process, FUSE, the tools) and idle.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
@@ -31,6 +33,7 @@ OPTS=${CSI_NFS_FUSE_BENCH_OPTS:-}
 ensure_deps
 "$GANESHA_SH" install libnfs-utils libnfs-dev fio bindfs >/dev/null
 eval "$("$GANESHA_SH" start)"
+GANESHA_PID=$pid
 cargo build --release --quiet
 BIN=$REPO_ROOT/target/release/csi-nfs-fuse
 URL=nfs://127.0.0.1$export_path
@@ -56,8 +59,13 @@ now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", b - a}'; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mibs() { awk -v n="$1" -v t="$2" 'BEGIN {printf "%.0f", n / t}'; }
-# CPU ticks stolen by the hypervisor, and all ticks, over both cores.
-cpu_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t}' /proc/stat; }
+# Ticks over both cores: stolen by the hypervisor, idle (idle + iowait),
+# all; then the ganesha process's own (user + system).
+cpu_ticks() {
+    awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; printf "%s %s %s", $9, $5 + $6, t}' /proc/stat
+    awk '{print " " $14 + $15}' "/proc/$GANESHA_PID/stat"
+}
+HZ=$(getconf CLK_TCK)
 
 # target KIND: where KIND's steps run. "local" is the export directory itself,
 # on the server's own file system: the floor no NFS client can go below.
@@ -74,18 +82,26 @@ mount_kind() {
     esac
 }
 
-# timed KIND CMD...: prints CMD's wall time in seconds, and logs the share of
-# CPU the hypervisor stole meanwhile (this VM's neighbours can take 40% of it,
-# which slows every step that waits on a wake-up) to $WORK/steal.
+# account KIND ROW CMD...: runs CMD, and logs where the two cores' time went
+# meanwhile to $WORK/cpu: the hypervisor's steal (this VM's neighbours can
+# take 40% of it, which slows every step that waits on a wake-up), idle,
+# the server (ganesha), and all the rest (the client: its process, FUSE and
+# the kernel's work for it).
+account() {
+    local kind=$1 row=$2 st0 id0 t0 g0 st1 id1 t1 g1
+    shift 2
+    read -r st0 id0 t0 g0 < <(cpu_ticks)
+    "$@"
+    read -r st1 id1 t1 g1 < <(cpu_ticks)
+    echo "$kind $row $((st1 - st0)) $((id1 - id0)) $((t1 - t0)) $((g1 - g0))" >>"$WORK/cpu"
+}
+# timed KIND ROW CMD...: prints CMD's wall time in seconds (and accounts it).
 timed() {
-    local kind=$1 s st0 t0 st1 t1
-    shift
-    read -r st0 t0 < <(cpu_ticks)
+    local kind=$1 row=$2 s
+    shift 2
     s=$(now)
-    "$@" >/dev/null 2>&1
+    account "$kind" "$row" "$@" >/dev/null 2>&1
     secs "$s" "$(now)"
-    read -r st1 t1 < <(cpu_ticks)
-    echo "$kind $((st1 - st0)) $((t1 - t0))" >>"$WORK/steal"
 }
 
 # A deterministic tree: 400 directories, 5,400 files, about 72 MiB.
@@ -113,24 +129,24 @@ one_run() {
     if [[ $kind == libnfs ]]; then
         # A new file each run, made by nfs-cp through the server.
         LIBNFS_FILE=$TAG-libnfs-$i
-        ALL[libnfs.w]+=" $(timed libnfs nfs-cp /dev/shm/bench-src "$URL/$LIBNFS_FILE")"
+        ALL[libnfs.w]+=" $(timed libnfs w nfs-cp /dev/shm/bench-src "$URL/$LIBNFS_FILE")"
         drop
-        ALL[libnfs.cr]+=" $(timed libnfs nfs-cat "$URL/$LIBNFS_FILE")"
-        ALL[libnfs.wr]+=" $(timed libnfs nfs-cat "$URL/$LIBNFS_FILE")"
+        ALL[libnfs.cr]+=" $(timed libnfs cr nfs-cat "$URL/$LIBNFS_FILE")"
+        ALL[libnfs.wr]+=" $(timed libnfs wr nfs-cat "$URL/$LIBNFS_FILE")"
         return
     fi
     dir=$(target "$kind")
     mount_kind "$kind"
-    ALL[$kind.w]+=" $(timed "$kind" dd if=/dev/zero of="$dir/seq" bs=1M count="$SIZE_MIB" conv=fsync)"
+    ALL[$kind.w]+=" $(timed "$kind" w dd if=/dev/zero of="$dir/seq" bs=1M count="$SIZE_MIB" conv=fsync)"
     mount_kind "$kind"; drop
-    ALL[$kind.cr]+=" $(timed "$kind" dd if="$dir/seq" of=/dev/null bs=1M)"
-    ALL[$kind.wr]+=" $(timed "$kind" dd if="$dir/seq" of=/dev/null bs=1M)"
+    ALL[$kind.cr]+=" $(timed "$kind" cr dd if="$dir/seq" of=/dev/null bs=1M)"
+    ALL[$kind.wr]+=" $(timed "$kind" wr dd if="$dir/seq" of=/dev/null bs=1M)"
     mkdir "$dir/meta"
-    ALL[$kind.c]+=" $(timed "$kind" bash -c "cd '$dir/meta' && for i in \$(seq 1 10000); do : > f\$i; done")"
+    ALL[$kind.c]+=" $(timed "$kind" c bash -c "cd '$dir/meta' && for i in \$(seq 1 10000); do : > f\$i; done")"
     mount_kind "$kind"
-    ALL[$kind.l]+=" $(timed "$kind" ls -l "$dir/meta")"
-    ALL[$kind.d]+=" $(timed "$kind" rm -rf "$dir/meta")"
-    ALL[$kind.u]+=" $(timed "$kind" tar -C "$dir" -xf "$WORK/tree.tar")"
+    ALL[$kind.l]+=" $(timed "$kind" l ls -l "$dir/meta")"
+    ALL[$kind.d]+=" $(timed "$kind" d rm -rf "$dir/meta")"
+    ALL[$kind.u]+=" $(timed "$kind" u tar -C "$dir" -xf "$WORK/tree.tar")"
     rm -rf "$dir/tree"
 }
 # Runs interleave the kinds, so a slow spell of the VM (steal, the server's
@@ -152,7 +168,7 @@ for kind in csi-nfs-fuse bindfs; do
     # wait on the same random disk reads). Our own cache is empty: fresh mount.
     mount_kind "$kind"; drop; warm_server "$export_dir/$TAG-$kind/seq"
     for jobs in 1 4; do
-        R[$kind.r$jobs]=$(fio --name=r --filename="$MNT/seq" --rw=randread --bs=4k --direct=1 --numjobs=$jobs \
+        R[$kind.r$jobs]=$(account "$kind" "r$jobs" fio --name=r --filename="$MNT/seq" --rw=randread --bs=4k --direct=1 --numjobs=$jobs \
             --time_based --runtime=10 --ioengine=psync --group_reporting --output-format=terse 2>/dev/null \
             | awk -F';' '{s += $8} END {printf "%.0f", s}')
     done
@@ -168,8 +184,8 @@ R[local.r1]=-; R[local.r4]=-
 
 # The libnfs random-read program on the same export.
 drop; warm_server "$export_dir/$LIBNFS_FILE"
-R[libnfs.r1]=$("$WORK/libnfs-randread" 127.0.0.1 "$export_path" "/$LIBNFS_FILE" 10 1)
-R[libnfs.r4]=$("$WORK/libnfs-randread" 127.0.0.1 "$export_path" "/$LIBNFS_FILE" 10 4)
+R[libnfs.r1]=$(account libnfs r1 "$WORK/libnfs-randread" 127.0.0.1 "$export_path" "/$LIBNFS_FILE" 10 1)
+R[libnfs.r4]=$(account libnfs r4 "$WORK/libnfs-randread" 127.0.0.1 "$export_path" "/$LIBNFS_FILE" 10 4)
 
 printf '\ncsi-nfs-fuse mount benchmark: %s MiB files, medians of %s runs; %s, %s cores, kernel %s, %s\n' \
     "$SIZE_MIB" "$RUNS" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$(nproc)" "$(uname -r)" \
@@ -192,8 +208,49 @@ printf 'mount process peak RSS with 4 parallel readers: %s MiB (cache_size defau
 printf '"server fs" runs each step on the export directory itself, without NFS or FUSE.\n'
 printf 'CPU stolen by the hypervisor during the timed steps:'
 for kind in "${KINDS[@]}"; do
-    awk -v k="$kind" '$1 == k {s += $2; t += $3} END {printf " %s %.0f%%", k, t ? 100 * s / t : 0}' "$WORK/steal"
+    awk -v k="$kind" '$1 == k {s += $3; t += $5} END {printf " %s %.0f%%", k, t ? 100 * s / t : 0}' "$WORK/cpu"
 done
+
+# Where the time went: a target that the server's CPU, or the machine's
+# two cores, already rule out shows here in every run.
+printf '\n\nWhere the two cores went: server (ganesha) + the rest (client, FUSE, tools) + idle;\n'
+printf 'core-seconds per step (medians), or us of CPU per read for random reads\n'
+printf "$W" workload csi-nfs-fuse libnfs "bindfs (FUSE)" "server fs"
+cpu_split() { # cpu_split KIND ROW [READS]: "server+rest+idle", medians over runs
+    [[ ${R[$1.$2]:-} == - || -z ${R[$1.$2]:-} ]] && { echo -; return; }
+    awk -v k="$1" -v r="$2" -v hz="$HZ" -v reads="${3:-0}" '
+        function med(a, n,   i, j, t) {
+            for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+            return a[int((n + 1) / 2)]
+        }
+        $1 == k && $2 == r {
+            n++; d = reads > 0 ? reads / 1e6 : 1
+            srv[n] = $6 / hz / d; rest[n] = ($5 - $4 - $3 - $6) / hz / d; idle[n] = $4 / hz / d
+        }
+        END {
+            if (!n) { print "-"; exit }
+            f = reads > 0 ? "%.0f+%.0f+%.0f" : "%.2f+%.2f+%.2f"
+            printf f "\n", med(srv, n), med(rest, n), med(idle, n)
+        }' "$WORK/cpu"
+}
+cpu_row() { # cpu_row LABEL ROW [random]
+    local k reads c=()
+    for k in csi-nfs-fuse libnfs bindfs local; do
+        reads=0
+        [[ -n ${3:-} && ${R[$k.$2]:-} =~ ^[0-9]+$ ]] && reads=$(( ${R[$k.$2]} * 10 ))
+        c+=("$(cpu_split "$k" "$2" "$reads")")
+    done
+    printf "$W" "$1" "${c[@]}"
+}
+cpu_row "seq write ${SIZE_MIB} MiB + fsync" w
+cpu_row "seq read, caches dropped" cr
+cpu_row "seq re-read, warm" wr
+cpu_row "4 KiB random read, 1 job (us per read)" r1 random
+cpu_row "4 KiB random read, 4 jobs (us per read)" r4 random
+cpu_row "create 10,000 empty files" c
+cpu_row "ls -l of those 10,000" l
+cpu_row "rm of those 10,000" d
+cpu_row "untar" u
 
 # The targets of issue 4, judged on this run's medians. "5 GB/s" is read as
 # 10^9 bytes a second (4,768 MiB/s).
