@@ -27,7 +27,11 @@ type Fetch = Shared<Pin<Box<dyn Future<Output = Result<Bytes, FsError>> + Send>>
 struct Inner {
     lru: lru::LruCache<BlockKey, Bytes>,
     bytes: usize,
-    inflight: HashMap<BlockKey, Fetch>,
+    /// Fetches in flight, each with its own id: an invalidated fetch that
+    /// finishes after a new one for the same block started must not take
+    /// the new one's place (and cache its old data).
+    inflight: HashMap<BlockKey, (u64, Fetch)>,
+    next_fetch: u64,
 }
 
 impl Inner {
@@ -67,6 +71,7 @@ impl PageCache {
                 lru: lru::LruCache::unbounded(),
                 bytes: 0,
                 inflight: HashMap::new(),
+                next_fetch: 0,
             }),
         })
     }
@@ -129,12 +134,10 @@ impl PageCache {
                 return Ok(b.clone());
             }
             match g.inflight.get(&key) {
-                Some(f) => f.clone(),
+                Some((_, f)) => f.clone(),
                 None => {
                     g.make_room(self.capacity, self.block as usize, self.block as usize);
-                    let f = self.spawn_fetch(key, fetch);
-                    g.inflight.insert(key, f.clone());
-                    f
+                    self.start_fetch(&mut g, key, fetch)
                 }
             }
         };
@@ -157,20 +160,28 @@ impl PageCache {
             return;
         }
         g.make_room(self.capacity, self.block as usize, self.block as usize);
-        let f = self.spawn_fetch(key, fetch);
-        g.inflight.insert(key, f);
+        // The fetch runs in its own task and fills the cache by itself.
+        drop(self.start_fetch(&mut g, key, fetch));
     }
 
-    fn spawn_fetch<F>(self: &Arc<Self>, key: BlockKey, fetch: F) -> Fetch
+    /// Runs `fetch` in its own task and records it as the block's fetch in
+    /// flight; the caller holds the lock and has made room.
+    fn start_fetch<F>(self: &Arc<Self>, g: &mut Inner, key: BlockKey, fetch: F) -> Fetch
     where
         F: Future<Output = Result<Bytes, FsError>> + Send + 'static,
     {
+        g.next_fetch += 1;
+        let id = g.next_fetch;
         let cache = self.clone();
         let handle = tokio::spawn(async move {
             let r = fetch.await;
             let mut g = cache.inner.lock();
-            // Only cache if nobody invalidated the block meanwhile.
-            let still_wanted = g.inflight.remove(&key).is_some();
+            // Only cache if nobody invalidated the block meanwhile: the
+            // entry is still this fetch's.
+            let still_wanted = g.inflight.get(&key).is_some_and(|(i, _)| *i == id);
+            if still_wanted {
+                g.inflight.remove(&key);
+            }
             drop(g);
             if let (Ok(data), true) = (&r, still_wanted) {
                 cache.insert(key, data.clone());
@@ -179,7 +190,9 @@ impl PageCache {
         });
         let fut: Pin<Box<dyn Future<Output = Result<Bytes, FsError>> + Send>> =
             Box::pin(async move { handle.await.unwrap_or(Err(FsError::IO)) });
-        fut.shared()
+        let f = fut.shared();
+        g.inflight.insert(key, (id, f.clone()));
+        f
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -231,5 +244,47 @@ mod tests {
         }
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(c.stats().blocks, 1);
+    }
+
+    /// A fetch that was invalidated while in flight, and finishes after a
+    /// new fetch of the same block started, caches nothing: its data is
+    /// what the invalidation said was stale.
+    #[tokio::test]
+    async fn an_invalidated_fetch_does_not_replace_a_newer_one() {
+        let c = PageCache::new(4, 64);
+        let (old_tx, old_rx) = tokio::sync::oneshot::channel::<Bytes>();
+        let (new_tx, new_rx) = tokio::sync::oneshot::channel::<Bytes>();
+        let started = |c: &Arc<PageCache>, n: usize| {
+            let c = c.clone();
+            async move {
+                while c.stats().inflight != n {
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move {
+                c.get_or_fetch((1, 0), async move { Ok(old_rx.await.unwrap()) })
+                    .await
+            }
+        });
+        started(&c, 1).await;
+        c.invalidate_range(1, 0, 4);
+        started(&c, 0).await;
+        let second = tokio::spawn({
+            let c = c.clone();
+            async move {
+                c.get_or_fetch((1, 0), async move { Ok(new_rx.await.unwrap()) })
+                    .await
+            }
+        });
+        started(&c, 1).await;
+        old_tx.send(Bytes::from_static(b"old!")).unwrap();
+        assert_eq!(&first.await.unwrap().unwrap()[..], b"old!");
+        assert_eq!(c.get((1, 0)), None, "the invalidated fetch cached its data");
+        new_tx.send(Bytes::from_static(b"new!")).unwrap();
+        assert_eq!(&second.await.unwrap().unwrap()[..], b"new!");
+        assert_eq!(c.get((1, 0)).as_deref(), Some(&b"new!"[..]));
     }
 }
