@@ -284,6 +284,10 @@ enum Fault {
     /// The server never sees the call; the client gets this NFS status,
     /// with empty wcc_data (the shape of every failure a COMMIT can get).
     Fail(u32),
+    /// As `Fail`, answered only after this long (other calls go on).
+    FailAfter(std::time::Duration, u32),
+    /// The server answers, and this replaces its reply (the whole fragment).
+    RewriteReply(fn(Vec<u8>) -> Vec<u8>),
     /// The server answers, and this edits its reply (the whole fragment,
     /// record mark included) on the way back.
     EditReply(fn(&mut [u8])),
@@ -310,6 +314,13 @@ async fn read_fragment(
             Ok(n) => pending.extend_from_slice(&buf[..n]),
         }
     }
+}
+
+/// A reply to call `xid` with NFS status `status`: accepted, AUTH_NONE
+/// verifier, SUCCESS; then the status and wcc_data with no attributes.
+fn failure(xid: u32, status: u32) -> Vec<u8> {
+    let words = [0x8000_0000 | 36, xid, 1, 0, 0, 0, 0, status, 0, 0];
+    words.iter().flat_map(|w| w.to_be_bytes()).collect()
 }
 
 /// Listens on `to`'s address and forwards TCP to `to`, whole record fragments at a time, and asks `fault`
@@ -340,7 +351,8 @@ async fn fault_proxy(
             let (mut cr, cw) = client.into_split();
             let (mut sr, mut sw) = server.into_split();
             let cw = Arc::new(tokio::sync::Mutex::new(cw));
-            let edits = Arc::new(parking_lot::Mutex::new(std::collections::HashMap::new()));
+            let edits: Arc<parking_lot::Mutex<std::collections::HashMap<u32, Fault>>> =
+                Arc::new(parking_lot::Mutex::new(std::collections::HashMap::new()));
             let back = {
                 let (cw, edits) = (cw.clone(), edits.clone());
                 tokio::spawn(async move {
@@ -349,9 +361,10 @@ async fn fault_proxy(
                         let xid = f
                             .get(4..8)
                             .map(|w| u32::from_be_bytes(w.try_into().unwrap()));
-                        let edit: Option<fn(&mut [u8])> = xid.and_then(|x| edits.lock().remove(&x));
-                        if let Some(edit) = edit {
-                            edit(&mut f);
+                        match xid.and_then(|x| edits.lock().remove(&x)) {
+                            Some(Fault::EditReply(edit)) => edit(&mut f),
+                            Some(Fault::RewriteReply(rewrite)) => f = rewrite(f),
+                            _ => {}
                         }
                         if cw.lock().await.write_all(&f).await.is_err() {
                             return;
@@ -386,22 +399,24 @@ async fn fault_proxy(
                             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
                             return;
                         }
-                        Fault::EditReply(edit) => {
+                        edit @ (Fault::EditReply(_) | Fault::RewriteReply(_)) => {
                             edits.lock().insert(call.unwrap().0, edit);
                             if sw.write_all(&f).await.is_err() {
                                 return;
                             }
                         }
                         Fault::Fail(status) => {
-                            let xid = call.unwrap().0;
-                            // Accepted reply, AUTH_NONE verifier, SUCCESS; then
-                            // the status and wcc_data with no attributes.
-                            let words = [0x8000_0000 | 36, xid, 1, 0, 0, 0, 0, status, 0, 0];
-                            let reply: Vec<u8> =
-                                words.iter().flat_map(|w| w.to_be_bytes()).collect();
+                            let reply = failure(call.unwrap().0, status);
                             if cw.lock().await.write_all(&reply).await.is_err() {
                                 return;
                             }
+                        }
+                        Fault::FailAfter(after, status) => {
+                            let (reply, cw) = (failure(call.unwrap().0, status), cw.clone());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(after).await;
+                                let _ = cw.lock().await.write_all(&reply).await;
+                            });
                         }
                     }
                 }
@@ -539,6 +554,227 @@ async fn a_failed_commit_keeps_the_data_for_the_next_fsync() {
     fs.flush(e.ino, h.fh).await.unwrap();
     fs.release(&who, e.ino, h.fh).await.unwrap();
     assert_eq!(std::fs::read(on_disk.join("f")).unwrap(), data);
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
+/// A descriptor closed while a COMMIT is on the wire must not take the
+/// file's write state with it: when that COMMIT fails, the data is still
+/// pending, and the writer's next fsync commits it. (The state was once
+/// dropped as idle while the COMMIT held its chunks, and the data with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_outlives_another_descriptors_close() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const COMMIT: u32 = 21;
+    const NFS3ERR_IO: u32 = 5;
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("commitclose");
+    let commits = Arc::new(AtomicU64::new(0));
+    let fault = {
+        let commits = commits.clone();
+        move |procedure| {
+            if procedure != COMMIT {
+                return Fault::Pass;
+            }
+            if commits.fetch_add(1, Ordering::SeqCst) == 0 {
+                Fault::FailAfter(std::time::Duration::from_millis(600), NFS3ERR_IO)
+            } else {
+                Fault::Pass
+            }
+        }
+    };
+    let cfg = ganesha_through(&g, fault).await;
+    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
+        .await
+        .unwrap();
+    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let who = Caller::root();
+    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
+    let (e, writer) = fs
+        .create(&who, top, b"f", 0o644, libc::O_RDWR)
+        .await
+        .unwrap();
+    let reader = fs.open(&who, e.ino, libc::O_RDONLY).await.unwrap();
+    let data = content(1 << 20);
+    fs.write(&who, e.ino, writer.fh, 0, data.clone())
+        .await
+        .unwrap();
+    fs.writeback().drain(e.ino).await.unwrap();
+    let fsync = {
+        let fs = fs.clone();
+        tokio::spawn(async move { fs.fsync(e.ino, writer.fh).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        commits.load(Ordering::SeqCst),
+        1,
+        "the COMMIT is not on the wire"
+    );
+    fs.flush(e.ino, reader.fh).await.unwrap();
+    fs.release(&who, e.ino, reader.fh).await.unwrap();
+    assert_eq!(fsync.await.unwrap(), Err(FsError::IO));
+    assert!(
+        fs.writeback().has_pending(e.ino),
+        "the data whose COMMIT failed went with the other descriptor's close"
+    );
+    fs.fsync(e.ino, writer.fh).await.unwrap();
+    assert_eq!(
+        commits.load(Ordering::SeqCst),
+        2,
+        "the data was not committed again"
+    );
+    fs.flush(e.ino, writer.fh).await.unwrap();
+    fs.release(&who, e.ino, writer.fh).await.unwrap();
+    assert_eq!(std::fs::read(on_disk.join("f")).unwrap(), data);
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
+/// After the server's write verifier changes (a restart that lost what it
+/// had not committed), the chunks written before it are sent again; bytes
+/// a later write replaced must not be among them. Against ganesha through
+/// a proxy that gives WRITE and COMMIT replies a new verifier from a point
+/// on: an 8 KiB write goes out under the old one, a 4 KiB write into its
+/// middle under the new one, and fsync must leave the new bytes in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_after_a_verifier_change_keeps_newer_data() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const WRITE: u32 = 7;
+    const COMMIT: u32 = 21;
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("verfchange");
+    let restarted = Arc::new(AtomicBool::new(false));
+    // WRITE3resok and COMMIT3resok both end with the verifier.
+    fn new_verifier(f: &mut [u8]) {
+        let n = f.len();
+        f[n - 8..].copy_from_slice(b"restart!");
+    }
+    let fault = {
+        let restarted = restarted.clone();
+        move |procedure| {
+            if (procedure == WRITE || procedure == COMMIT) && restarted.load(Ordering::SeqCst) {
+                Fault::EditReply(new_verifier)
+            } else {
+                Fault::Pass
+            }
+        }
+    };
+    let cfg = ganesha_through(&g, fault).await;
+    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
+        .await
+        .unwrap();
+    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let who = Caller::root();
+    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
+    let (e, h) = fs
+        .create(&who, top, b"f", 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(&who, e.ino, h.fh, 0, vec![b'a'; 8192])
+        .await
+        .unwrap();
+    fs.writeback().drain(e.ino).await.unwrap();
+    assert!(
+        fs.writeback().has_pending(e.ino),
+        "the first write is not uncommitted"
+    );
+    restarted.store(true, Ordering::SeqCst);
+    fs.write(&who, e.ino, h.fh, 2048, vec![b'b'; 4096])
+        .await
+        .unwrap();
+    let resent = fs.writeback().resent_chunks();
+    fs.fsync(e.ino, h.fh).await.unwrap();
+    assert!(
+        fs.writeback().resent_chunks() > resent,
+        "the verifier change did not make the first write go again"
+    );
+    fs.flush(e.ino, h.fh).await.unwrap();
+    fs.release(&who, e.ino, h.fh).await.unwrap();
+    let mut want = vec![b'a'; 8192];
+    want[2048..6144].fill(b'b');
+    let got = std::fs::read(on_disk.join("f")).unwrap();
+    assert!(
+        got == want,
+        "the resend put old bytes over new ones: {:?}",
+        String::from_utf8_lossy(&got[2040..2060])
+    );
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
+/// A write past the end of a file makes its cached last block, which is
+/// short, stale: served as it is, a read of that block would end where the
+/// file used to, and the kernel takes a short read for the end of the file.
+/// Ganesha sends WRITE replies without pre-operation attributes, which makes
+/// every write look like someone else's and drops the whole file's cache;
+/// the proxy adds them (the file's attributes before the write), as knfsd
+/// sends them, so the write is recognised as ours and the cache kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_past_the_end_drops_the_short_last_block() {
+    const WRITE: u32 = 7;
+    // size, mtime and ctime (seconds, nanoseconds) before the write.
+    static BEFORE: std::sync::Mutex<(u64, [u32; 4])> = std::sync::Mutex::new((0, [0; 4]));
+    fn with_pre_op_attrs(mut f: Vec<u8>) -> Vec<u8> {
+        let word = |f: &[u8], at: usize| u32::from_be_bytes(f[at..at + 4].try_into().unwrap());
+        // Record mark, xid, REPLY, MSG_ACCEPTED, verifier, SUCCESS, then
+        // WRITE3res: status, pre_op_attr flag.
+        let status = 24 + (word(&f, 20) as usize).div_ceil(4) * 4 + 4;
+        if word(&f, status) != 0 || word(&f, status + 4) != 0 {
+            return f;
+        }
+        let (size, times) = *BEFORE.lock().unwrap();
+        let mut attr = vec![0, 0, 0, 1];
+        attr.extend_from_slice(&size.to_be_bytes());
+        times
+            .iter()
+            .for_each(|t| attr.extend_from_slice(&t.to_be_bytes()));
+        f.splice(status + 4..status + 8, attr);
+        let mark = 0x8000_0000 | (f.len() as u32 - 4);
+        f[..4].copy_from_slice(&mark.to_be_bytes());
+        f
+    }
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("pastend");
+    std::fs::write(on_disk.join("small"), content(100)).unwrap();
+    let cfg = ganesha_through(&g, |procedure| {
+        if procedure == WRITE {
+            Fault::RewriteReply(with_pre_op_attrs)
+        } else {
+            Fault::Pass
+        }
+    })
+    .await;
+    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
+        .await
+        .unwrap();
+    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let who = Caller::root();
+    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
+    let ino = fs.lookup(&who, top, b"small").await.unwrap().ino;
+    let reader = fs.open(&who, ino, libc::O_RDONLY).await.unwrap();
+    let first = fs.read(&who, ino, reader.fh, 0, 4096).await.unwrap();
+    assert_eq!(first.len(), 100);
+    assert!(
+        fs.cache_stats().blocks >= 1,
+        "the read did not cache the block"
+    );
+    let writer = fs.open(&who, ino, libc::O_WRONLY).await.unwrap();
+    let (a, _) = fs.getattr(&who, ino).await.unwrap();
+    *BEFORE.lock().unwrap() = (
+        a.size,
+        [
+            a.mtime.seconds,
+            a.mtime.nseconds,
+            a.ctime.seconds,
+            a.ctime.nseconds,
+        ],
+    );
+    let past = fs.session().rsize as u64 * 2;
+    fs.write(&who, ino, writer.fh, past, b"past the end".to_vec())
+        .await
+        .unwrap();
+    fs.flush(ino, writer.fh).await.unwrap();
+    let again = fs.read(&who, ino, reader.fh, 0, 4096).await.unwrap();
+    assert_eq!(again.len(), 4096, "a short read inside the file");
+    assert_eq!(&again[..100], &content(100)[..]);
+    assert!(again[100..].iter().all(|&b| b == 0));
     std::fs::remove_dir_all(on_disk).unwrap();
 }
 

@@ -288,9 +288,18 @@ impl NfsFs {
             session.root_attr,
             cfg.timeouts,
         ));
-        let sink_inodes = inodes.clone();
-        let sink: writeback::WccSink = Arc::new(move |ino: u64, wcc: &Wcc| {
+        let pages = PageCache::new(session.rsize, cfg.cache_size);
+        let (sink_inodes, sink_pages) = (inodes.clone(), pages.clone());
+        let sink: writeback::WccSink = Arc::new(move |ino: u64, wcc: &Wcc, written| {
             Self::track_wcc(&sink_inodes, ino, wcc);
+            // A read that raced this WRITE may have cached the bytes it
+            // replaced, or the file's old last block, short of the new end.
+            if let Some((from, to)) = written {
+                let from = wcc.before.map_or(from, |b| b.size.min(from));
+                if let Some(cgen) = sink_inodes.with(ino, |i| i.cache_gen) {
+                    sink_pages.invalidate_range(cgen, from, to);
+                }
+            }
         });
         let writeback = WriteBack::new(
             session.nfs.clone(),
@@ -299,8 +308,6 @@ impl NfsFs {
             cfg.gather_age,
             sink,
         );
-        let rsize = session.rsize;
-        let cache_size = cfg.cache_size;
         Arc::new(Self {
             nfs: session.nfs.clone(),
             session,
@@ -316,7 +323,7 @@ impl NfsFs {
             dentries: Mutex::new(lru::LruCache::new(NonZeroUsize::new(65536).unwrap())),
             known_dirs: Mutex::new(KnownDirs::new()),
             exact_names: tokio::sync::OnceCell::new(),
-            pages: PageCache::new(rsize, cache_size),
+            pages,
             readahead: Mutex::new(HashMap::new()),
             root_lock: tokio::sync::Mutex::new(()),
         })
@@ -1472,12 +1479,15 @@ impl NfsFs {
     }
 
     /// What every write does first: refuse on a read-only mount, and drop
-    /// the cached blocks the write will make stale.
+    /// the cached blocks the write will make stale: its own, and for a
+    /// write past the end of the file the old last block, which is short
+    /// and would read as the end of the file.
     fn begin_write(&self, ino: u64, offset: u64, len: usize) -> Result<inode::Inode, FsError> {
         self.writable()?;
         let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
+        let from = offset.min(inode.attr.size);
         self.pages
-            .invalidate_range(inode.cache_gen, offset, offset + len as u64);
+            .invalidate_range(inode.cache_gen, from, offset + len as u64);
         Ok(inode)
     }
 

@@ -5,6 +5,12 @@
 //!
 //! Dirty plus uncommitted memory is bounded by a byte semaphore; a writer that
 //! hits the bound waits, and the wait kicks a commit so the bound frees up.
+//!
+//! A chunk never holds bytes a later write replaced: accepting a write trims
+//! them out of the uncommitted chunks, and waits first for any WRITE of
+//! those bytes still on the wire. So no two WRITEs of one byte are ever in
+//! flight together (the server could apply them in either order), and a
+//! resend after a verifier change cannot put old data over new.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,10 +36,49 @@ struct Chunk {
     offset: u64,
     data: Bytes,
     verf: WriteVerf,
-    /// A resend after a verifier change failed: send again whatever the
-    /// next COMMIT's verifier says.
+    /// Send again whatever the next COMMIT's verifier says: a resend after a
+    /// verifier change failed, or the server's verifier changed between the
+    /// pieces of a short-written chunk.
     resend: bool,
-    _permit: OwnedSemaphorePermit,
+    /// In the batch a COMMIT now on the wire covers.
+    committing: bool,
+    /// The budget this chunk's bytes hold; the second piece of a chunk a
+    /// later write cut in two holds none (the first piece's covers it).
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Chunk {
+    fn end(&self) -> u64 {
+        self.offset + self.data.len() as u64
+    }
+
+    /// What is left of this chunk once [from, to) is written anew: nothing,
+    /// itself, or one or two pieces around the hole.
+    fn trim(self, from: u64, to: u64) -> Vec<Chunk> {
+        let (start, end) = (self.offset, self.end());
+        if to <= start || end <= from {
+            return vec![self];
+        }
+        let mut pieces = Vec::new();
+        let mut permit = self._permit;
+        let piece = |offset: u64, data: Bytes, permit: Option<OwnedSemaphorePermit>| Chunk {
+            offset,
+            data,
+            verf: self.verf,
+            resend: self.resend,
+            committing: self.committing,
+            _permit: permit,
+        };
+        if start < from {
+            let data = self.data.slice(..(from - start) as usize);
+            pieces.push(piece(start, data, permit.take()));
+        }
+        if to < end {
+            let data = self.data.slice((to - start) as usize..);
+            pieces.push(piece(to, data, permit.take()));
+        }
+        pieces
+    }
 }
 
 struct Gather {
@@ -41,6 +86,31 @@ struct Gather {
     buf: BytesMut,
     since: Instant,
     permit: OwnedSemaphorePermit,
+}
+
+impl Gather {
+    fn end(&self) -> u64 {
+        self.offset + self.buf.len() as u64
+    }
+
+    fn overlaps(&self, from: u64, to: u64) -> bool {
+        self.offset < to && from < self.end()
+    }
+
+    /// Whether a write of [from, to) can be laid into this buffer: it starts
+    /// inside it or right after it, and the result stays within `wsize`.
+    fn can_take(&self, from: u64, to: u64, wsize: usize) -> bool {
+        self.offset <= from
+            && from <= self.end()
+            && to.max(self.end()) - self.offset <= wsize as u64
+    }
+
+    fn put(&mut self, from: u64, data: &[u8]) {
+        let at = (from - self.offset) as usize;
+        let over = (self.buf.len() - at).min(data.len());
+        self.buf[at..at + over].copy_from_slice(&data[..over]);
+        self.buf.extend_from_slice(&data[over..]);
+    }
 }
 
 /// A failed write, kept the way the kernel's errseq_t keeps one: its stamp
@@ -59,7 +129,11 @@ struct WriteError {
 #[derive(Default)]
 struct State {
     gather: Option<Gather>,
+    /// WRITEs on the wire: gathered chunks and resends.
     inflight: usize,
+    /// The byte ranges of those WRITEs; a write of any of these bytes waits.
+    sending: Vec<(u64, u64)>,
+    /// Sent, not yet known durable; none holds bytes a later write replaced.
     uncommitted: Vec<Chunk>,
     oldest_uncommitted: Option<Instant>,
     /// The latest write that failed, for every descriptor open at the time
@@ -70,17 +144,128 @@ struct State {
     cred: Option<Credential>,
 }
 
+impl State {
+    /// Takes the gathered chunk out to be sent, counting it on the wire.
+    fn take_gather(&mut self) -> Option<Gather> {
+        let g = self.gather.take()?;
+        self.inflight += 1;
+        self.sending.push((g.offset, g.end()));
+        Some(g)
+    }
+
+    fn is_sending(&self, from: u64, to: u64) -> bool {
+        self.sending.iter().any(|&(a, b)| a < to && from < b)
+    }
+
+    /// A WRITE of [from, to) is off the wire.
+    fn sent(&mut self, from: u64, to: u64) {
+        if let Some(i) = self.sending.iter().position(|&r| r == (from, to)) {
+            self.sending.swap_remove(i);
+        }
+        self.inflight -= 1;
+    }
+
+    /// [from, to) is being written anew: no uncommitted chunk may send its
+    /// old bytes again (after a verifier change) over the new ones.
+    fn supersede(&mut self, from: u64, to: u64) {
+        if self
+            .uncommitted
+            .iter()
+            .any(|c| c.offset < to && from < c.end())
+        {
+            let old = std::mem::take(&mut self.uncommitted);
+            self.uncommitted = old.into_iter().flat_map(|c| c.trim(from, to)).collect();
+        }
+    }
+
+    /// Accepts a write whose bytes are on the wire nowhere; returns the
+    /// chunks to send now.
+    fn accept(
+        &mut self,
+        offset: u64,
+        data: Vec<u8>,
+        permit: OwnedSemaphorePermit,
+        wsize: usize,
+    ) -> Vec<Gather> {
+        let end = offset + data.len() as u64;
+        self.end = self.end.max(end);
+        self.supersede(offset, end);
+        let mut sends = Vec::new();
+        match &mut self.gather {
+            Some(g) if g.can_take(offset, end, wsize) => {
+                g.put(offset, &data);
+                g.permit.merge(permit);
+            }
+            _ => {
+                sends.extend(self.take_gather());
+                // A full-sized write becomes the chunk as it is, without a copy.
+                let buf = if data.len() >= wsize {
+                    BytesMut::from(Bytes::from(data))
+                } else {
+                    let mut b = BytesMut::with_capacity(wsize);
+                    b.extend_from_slice(&data);
+                    b
+                };
+                self.gather = Some(Gather {
+                    offset,
+                    buf,
+                    since: Instant::now(),
+                    permit,
+                });
+            }
+        }
+        if self.gather.as_ref().is_some_and(|g| g.buf.len() >= wsize) {
+            sends.extend(self.take_gather());
+        }
+        sends
+    }
+
+    fn has_pending(&self) -> bool {
+        self.gather.is_some() || self.inflight > 0 || !self.uncommitted.is_empty()
+    }
+}
+
+/// Errors after which sending the same bytes again cannot succeed without
+/// someone acting first (the file is gone, the server refuses or is full):
+/// the data is dropped and the error kept for the writers to report, as the
+/// kernel client does, rather than held (with its share of the dirty
+/// budget) and retried forever.
+fn is_final(e: FsError) -> bool {
+    matches!(
+        e.0,
+        libc::ESTALE
+            | libc::EROFS
+            | libc::EACCES
+            | libc::EPERM
+            | libc::ENOSPC
+            | libc::EDQUOT
+            | libc::EFBIG
+    )
+}
+
 struct FileWrites {
     fh: FileHandle,
     state: Mutex<State>,
     idle: Notify,
+    /// Woken whenever a WRITE leaves the wire, for writers waiting on its bytes.
+    sent: Arc<Notify>,
     /// Serialises commits so a flush waits for a background commit's outcome.
     commit_lock: tokio::sync::Mutex<()>,
 }
 
-/// Observer of write replies, so the filesystem can track its own changes
-/// through wcc_data without invalidating its caches.
-pub type WccSink = Arc<dyn Fn(u64, &Wcc) + Send + Sync>;
+/// Observer of WRITE and COMMIT replies, so the filesystem can track its own
+/// changes through wcc_data without invalidating its caches, and drop what
+/// a read that raced a WRITE cached of the bytes it replaced: (inode, wcc,
+/// the byte range a WRITE wrote).
+pub type WccSink = Arc<dyn Fn(u64, &Wcc, Option<(u64, u64)>) + Send + Sync>;
+
+/// How a chunk's WRITEs went.
+struct Sent {
+    verf: WriteVerf,
+    how: StableHow,
+    /// The server's verifier changed between the chunk's pieces.
+    mixed: bool,
+}
 
 pub struct WriteBack {
     nfs: NfsClient,
@@ -125,8 +310,13 @@ impl WriteBack {
     /// The write state of `ino`. The server may give a removed file's
     /// fileid to a new file: state kept for the old handle (an unreported
     /// error, data the server will refuse as stale) is not the new file's.
-    fn file(&self, ino: u64, fh: &FileHandle) -> Arc<FileWrites> {
-        let mut files = self.files.lock();
+    /// The caller holds the map's lock, so that `release` cannot drop the
+    /// state between this lookup and the caller's change to it.
+    fn file_in(
+        files: &mut HashMap<u64, Arc<FileWrites>>,
+        ino: u64,
+        fh: &FileHandle,
+    ) -> Arc<FileWrites> {
         match files.get(&ino) {
             Some(f) if f.fh == *fh => f.clone(),
             _ => {
@@ -134,6 +324,7 @@ impl WriteBack {
                     fh: fh.clone(),
                     state: Mutex::new(State::default()),
                     idle: Notify::new(),
+                    sent: Arc::new(Notify::new()),
                     commit_lock: tokio::sync::Mutex::new(()),
                 });
                 files.insert(ino, f.clone());
@@ -165,7 +356,6 @@ impl WriteBack {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<(), FsError> {
-        let file = self.file(ino, fh);
         let permit = match self
             .budget
             .clone()
@@ -182,47 +372,40 @@ impl WriteBack {
                     .map_err(|_| FsError::IO)?
             }
         };
-        let to_send = {
-            let mut s = file.state.lock();
-            s.cred = Some(cred.clone());
-            s.end = s.end.max(offset + data.len() as u64);
-            let mut out = None;
-            let contiguous = s.gather.as_ref().is_some_and(|g| {
-                g.offset + g.buf.len() as u64 == offset && g.buf.len() + data.len() <= self.wsize
-            });
-            if contiguous {
-                let g = s.gather.as_mut().expect("checked above");
-                g.buf.extend_from_slice(&data);
-                g.permit.merge(permit);
-            } else {
-                out = s.gather.take();
-                // A full-sized write becomes the chunk as it is, without a copy.
-                let buf = if data.len() >= self.wsize {
-                    BytesMut::from(Bytes::from(data))
-                } else {
-                    let mut b = BytesMut::with_capacity(self.wsize);
-                    b.extend_from_slice(&data);
-                    b
-                };
-                s.gather = Some(Gather {
-                    offset,
-                    buf,
-                    since: Instant::now(),
-                    permit,
-                });
+        let end = offset + data.len() as u64;
+        let mut accepted = Some((data, permit));
+        loop {
+            let (file, sends, wait) = {
+                let mut files = self.files.lock();
+                let file = Self::file_in(&mut files, ino, fh);
+                let mut s = file.state.lock();
+                s.cred = Some(cred.clone());
+                let mut sends = Vec::new();
+                if s.gather.as_ref().is_some_and(|g| {
+                    g.overlaps(offset, end) && !g.can_take(offset, end, self.wsize)
+                }) {
+                    sends.extend(s.take_gather());
+                }
+                let mut wait = None;
+                if s.is_sending(offset, end) {
+                    // Enabled under the lock, so the wake-up cannot be missed.
+                    let mut sent = Box::pin(file.sent.clone().notified_owned());
+                    sent.as_mut().enable();
+                    wait = Some(sent);
+                } else if let Some((data, permit)) = accepted.take() {
+                    sends.extend(s.accept(offset, data, permit, self.wsize));
+                }
+                drop(s);
+                (file, sends, wait)
+            };
+            for g in sends {
+                self.spawn_send(ino, file.clone(), g, StableHow::Unstable);
             }
-            let full = s.gather.as_ref().is_some_and(|g| g.buf.len() >= self.wsize);
-            let mut sends: Vec<Gather> = out.into_iter().collect();
-            if full {
-                sends.extend(s.gather.take());
+            match wait {
+                Some(sent) => sent.await,
+                None => return Ok(()),
             }
-            s.inflight += sends.len();
-            sends
-        };
-        for g in to_send {
-            self.spawn_send(ino, file.clone(), g, StableHow::Unstable);
         }
-        Ok(())
     }
 
     fn spawn_send(self: &Arc<Self>, ino: u64, file: Arc<FileWrites>, g: Gather, how: StableHow) {
@@ -234,6 +417,7 @@ impl WriteBack {
     /// COMMITted later), durable, or a sticky error.
     async fn send_gather(&self, ino: u64, file: &FileWrites, g: Gather, how: StableHow) {
         let cred = file.state.lock().cred.clone().unwrap_or(Credential::None);
+        let (from, to) = (g.offset, g.end());
         // A short chunk (a small file, a gather that aged out) must not pin
         // a whole wsize allocation until COMMIT: the budget counts bytes.
         let data = if g.buf.len() * 2 < g.buf.capacity() {
@@ -246,30 +430,42 @@ impl WriteBack {
             .await;
         let mut s = file.state.lock();
         match result {
-            Ok((verf, StableHow::Unstable)) => {
+            Ok(sent) if sent.how == StableHow::Unstable => {
                 s.oldest_uncommitted.get_or_insert_with(Instant::now);
                 s.uncommitted.push(Chunk {
                     offset: g.offset,
                     data,
-                    verf,
-                    resend: false,
-                    _permit: g.permit,
+                    verf: sent.verf,
+                    resend: sent.mixed,
+                    committing: false,
+                    _permit: Some(g.permit),
                 });
             }
             Ok(_) => {} // already durable; the permit is released here
             Err(e) => {
                 warn!(ino, offset = g.offset, error = %e, "write-back failed");
-                s.error = Some(WriteError {
-                    stamp: self.error_stamps.fetch_add(1, Ordering::Relaxed) + 1,
-                    error: e,
-                    reported: false,
-                });
+                self.keep_error(&mut s, e);
             }
         }
-        s.inflight -= 1;
+        s.sent(from, to);
+        self.after_send(file, &s);
+    }
+
+    /// Wakes whoever waits for a WRITE to leave the wire.
+    fn after_send(&self, file: &FileWrites, s: &State) {
+        file.sent.notify_waiters();
         if s.inflight == 0 {
             file.idle.notify_waiters();
         }
+    }
+
+    /// Keeps a failed write for every descriptor open now to report.
+    fn keep_error(&self, s: &mut State, error: FsError) {
+        s.error = Some(WriteError {
+            stamp: self.error_stamps.fetch_add(1, Ordering::Relaxed) + 1,
+            error,
+            reported: false,
+        });
     }
 
     /// WRITEs one chunk, continuing after short writes.
@@ -281,26 +477,36 @@ impl WriteBack {
         offset: u64,
         data: &Bytes,
         how: StableHow,
-    ) -> Result<(WriteVerf, StableHow), FsError> {
+    ) -> Result<Sent, FsError> {
         let mut done = 0usize;
         let mut weakest = StableHow::FileSync;
-        let mut verf = WriteVerf::default();
+        let mut verf: Option<WriteVerf> = None;
+        let mut mixed = false;
         while done < data.len() {
+            let at = offset + done as u64;
             let ok = self
                 .nfs
-                .write_bytes(cred, fh, offset + done as u64, data.slice(done..), how)
+                .write_bytes(cred, fh, at, data.slice(done..), how)
                 .await?;
-            (self.wcc_sink)(ino, &ok.wcc);
-            if ok.count == 0 {
+            let count = (ok.count as usize).min(data.len() - done);
+            (self.wcc_sink)(ino, &ok.wcc, Some((at, at + count as u64)));
+            if count == 0 {
                 return Err(FsError::IO);
             }
-            done += ok.count as usize;
+            done += count;
             if ok.committed == StableHow::Unstable {
                 weakest = StableHow::Unstable;
+                // Pieces written under different server instances: one
+                // COMMIT verifier cannot vouch for all of them.
+                mixed |= verf.is_some_and(|v| v != ok.verf);
+                verf = Some(ok.verf);
             }
-            verf = ok.verf;
         }
-        Ok((verf, weakest))
+        Ok(Sent {
+            verf: verf.unwrap_or_default(),
+            how: weakest,
+            mixed,
+        })
     }
 
     /// An O_DIRECT write, sent as the kernel client sends one: after
@@ -317,6 +523,27 @@ impl WriteBack {
     ) -> Result<(), FsError> {
         if self.is_dirty(ino) {
             self.drain(ino).await?;
+        }
+        // Like a buffered write, it replaces what uncommitted chunks hold
+        // of its bytes, so no resend puts those back over it.
+        let end = offset + data.len() as u64;
+        loop {
+            let wait = {
+                let files = self.files.lock();
+                let Some(file) = files.get(&ino).filter(|f| f.fh == *fh) else {
+                    break;
+                };
+                let mut s = file.state.lock();
+                if s.is_sending(offset, end) {
+                    let mut sent = Box::pin(file.sent.clone().notified_owned());
+                    sent.as_mut().enable();
+                    sent
+                } else {
+                    s.supersede(offset, end);
+                    break;
+                }
+            };
+            wait.await;
         }
         let mut at = 0;
         while at < data.len() {
@@ -344,10 +571,10 @@ impl WriteBack {
     /// Whether `ino` has anything not yet durable on the server: gathered,
     /// in flight, or written but not committed.
     pub fn has_pending(&self, ino: u64) -> bool {
-        self.files.lock().get(&ino).is_some_and(|f| {
-            let s = f.state.lock();
-            s.gather.is_some() || s.inflight > 0 || !s.uncommitted.is_empty()
-        })
+        self.files
+            .lock()
+            .get(&ino)
+            .is_some_and(|f| f.state.lock().has_pending())
     }
 
     /// Before a SETATTR, as the kernel client does: sends and commits
@@ -375,11 +602,8 @@ impl WriteBack {
         };
         let (g, how) = {
             let mut s = file.state.lock();
-            let g = s.gather.take();
             let alone = s.inflight == 0 && s.uncommitted.is_empty();
-            if g.is_some() {
-                s.inflight += 1;
-            }
+            let g = s.take_gather();
             let how = if durable && alone {
                 StableHow::FileSync
             } else {
@@ -449,58 +673,103 @@ impl WriteBack {
         Some(e.error)
     }
 
+    /// COMMITs what was sent, then sends again, FILE_SYNC, every chunk the
+    /// server's verifier no longer vouches for. The chunks stay in the file's
+    /// state meanwhile (marked `committing`), so a write can still trim
+    /// them and `release` sees them pending. Errors that retrying cannot
+    /// cure drop the data and are kept for the writers to report; others
+    /// keep it for the next flush and are this call's outcome.
     async fn commit_file(&self, ino: u64, file: &FileWrites) -> Result<(), FsError> {
         let _serial = file.commit_lock.lock().await;
-        let (chunks, cred) = {
+        let cred = {
             let mut s = file.state.lock();
-            s.oldest_uncommitted = None;
-            (
-                std::mem::take(&mut s.uncommitted),
-                s.cred.clone().unwrap_or(Credential::None),
-            )
+            if s.uncommitted.is_empty() {
+                return Ok(());
+            }
+            for c in &mut s.uncommitted {
+                c.committing = true;
+            }
+            s.cred.clone().unwrap_or(Credential::None)
         };
-        if chunks.is_empty() {
-            return Ok(());
-        }
         let commit = match self.nfs.commit(&cred, &file.fh, 0, 0).await {
             Ok(c) => c,
             Err(e) => {
-                // Keep the data: a later flush retries the commit.
+                let e = FsError::from(e);
                 let mut s = file.state.lock();
-                s.uncommitted.extend(chunks);
+                if is_final(e) {
+                    warn!(ino, error = %e, "COMMIT failed; dropping the uncommitted data");
+                    s.uncommitted.retain(|c| !c.committing);
+                    self.keep_error(&mut s, e);
+                    return Ok(());
+                }
+                for c in &mut s.uncommitted {
+                    c.committing = false;
+                }
                 s.oldest_uncommitted.get_or_insert_with(Instant::now);
-                return Err(e.into());
+                return Err(e);
             }
         };
-        (self.wcc_sink)(ino, &commit.wcc);
-        let lost: Vec<Chunk> = chunks
-            .into_iter()
-            .filter(|c| c.resend || c.verf != commit.verf)
-            .collect();
-        if !lost.is_empty() {
-            warn!(
-                ino,
-                chunks = lost.len(),
-                "write verifier changed (server restart?): resending uncommitted data"
-            );
-            self.resent
-                .fetch_add(lost.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let mut lost = lost.into_iter();
-            while let Some(c) = lost.next() {
-                let sent = self
-                    .send_chunk(ino, &file.fh, &cred, c.offset, &c.data, StableHow::FileSync)
-                    .await;
-                if let Err(e) = sent {
-                    // Keep this chunk and the rest for the next flush to
-                    // resend: whoever sees this error may not be the writer.
-                    let mut s = file.state.lock();
-                    let keep = std::iter::once(c).chain(lost);
-                    s.uncommitted
-                        .extend(keep.map(|c| Chunk { resend: true, ..c }));
-                    s.oldest_uncommitted.get_or_insert_with(Instant::now);
-                    return Err(e);
-                }
+        (self.wcc_sink)(ino, &commit.wcc, None);
+        let lost: Vec<Chunk> = {
+            let mut s = file.state.lock();
+            let (batch, rest): (Vec<Chunk>, Vec<Chunk>) = std::mem::take(&mut s.uncommitted)
+                .into_iter()
+                .partition(|c| c.committing);
+            s.uncommitted = rest;
+            s.oldest_uncommitted = (!s.uncommitted.is_empty()).then(Instant::now);
+            let lost: Vec<Chunk> = batch
+                .into_iter()
+                .filter(|c| c.resend || c.verf != commit.verf)
+                .map(|c| Chunk {
+                    committing: false,
+                    ..c
+                })
+                .collect();
+            // On the wire until resent: a write of these bytes waits.
+            for c in &lost {
+                s.inflight += 1;
+                s.sending.push((c.offset, c.end()));
             }
+            lost
+        };
+        if lost.is_empty() {
+            return Ok(());
+        }
+        warn!(
+            ino,
+            chunks = lost.len(),
+            "write verifier changed (server restart?): resending uncommitted data"
+        );
+        self.resent
+            .fetch_add(lost.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut lost = lost.into_iter();
+        while let Some(c) = lost.next() {
+            let sent = self
+                .send_chunk(ino, &file.fh, &cred, c.offset, &c.data, StableHow::FileSync)
+                .await;
+            let mut s = file.state.lock();
+            s.sent(c.offset, c.end());
+            let Err(e) = sent else {
+                self.after_send(file, &s);
+                continue;
+            };
+            // This chunk and the rest are off the wire, unsent.
+            let rest: Vec<Chunk> = std::iter::once(c).chain(lost).collect();
+            for c in &rest[1..] {
+                s.sent(c.offset, c.end());
+            }
+            if is_final(e) {
+                warn!(ino, error = %e, "resend failed; dropping the uncommitted data");
+                self.keep_error(&mut s, e);
+            } else {
+                // Kept for the next flush to resend: whoever sees this
+                // error may not be the writer.
+                s.uncommitted
+                    .extend(rest.into_iter().map(|c| Chunk { resend: true, ..c }));
+                s.oldest_uncommitted.get_or_insert_with(Instant::now);
+            }
+            self.after_send(file, &s);
+            return if is_final(e) { Ok(()) } else { Err(e) };
         }
         Ok(())
     }
@@ -512,11 +781,7 @@ impl WriteBack {
         let mut files = self.files.lock();
         if let Some(f) = files.get(&ino) {
             let s = f.state.lock();
-            if s.gather.is_none()
-                && s.inflight == 0
-                && s.uncommitted.is_empty()
-                && s.error.is_none_or(|e| last && e.reported)
-            {
+            if !s.has_pending() && s.error.is_none_or(|e| last && e.reported) {
                 drop(s);
                 files.remove(&ino);
             }
@@ -581,8 +846,7 @@ impl WriteBack {
                     let mut s = file.state.lock();
                     let send = match &s.gather {
                         Some(g) if under_pressure || g.since.elapsed() >= this.gather_age => {
-                            s.inflight += 1;
-                            s.gather.take()
+                            s.take_gather()
                         }
                         _ => None,
                     };
