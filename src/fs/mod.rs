@@ -294,10 +294,12 @@ impl NfsFs {
             Self::track_wcc(&sink_inodes, ino, wcc);
             // A read that raced this WRITE may have cached the bytes it
             // replaced, or the file's old last block, short of the new end.
-            if let Some((from, to)) = written {
-                let from = wcc.before.map_or(from, |b| b.size.min(from));
-                if let Some(cgen) = sink_inodes.with(ino, |i| i.cache_gen) {
-                    sink_pages.invalidate_range(cgen, from, to);
+            if let Some((from, to)) = written
+                && let Some(cgen) = sink_inodes.with(ino, |i| i.cache_gen)
+            {
+                sink_pages.invalidate_range(cgen, from, to);
+                if let Some(before) = wcc.before {
+                    sink_pages.invalidate_end(cgen, before.size, from);
                 }
             }
         });
@@ -1485,9 +1487,10 @@ impl NfsFs {
     fn begin_write(&self, ino: u64, offset: u64, len: usize) -> Result<inode::Inode, FsError> {
         self.writable()?;
         let inode = self.inodes.get(ino).ok_or(FsError::STALE)?;
-        let from = offset.min(inode.attr.size);
+        let cgen = inode.cache_gen;
         self.pages
-            .invalidate_range(inode.cache_gen, from, offset + len as u64);
+            .invalidate_range(cgen, offset, offset + len as u64);
+        self.pages.invalidate_end(cgen, inode.attr.size, offset);
         Ok(inode)
     }
 

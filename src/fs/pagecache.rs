@@ -117,6 +117,16 @@ impl PageCache {
         }
     }
 
+    /// For a write at `offset` past `size`, the file's end: drops the block
+    /// that held the old end, which is short and would read as the end of
+    /// the file (the blocks between are not cached: they were past the end).
+    pub fn invalidate_end(&self, cgen: u64, size: u64, offset: u64) {
+        if offset > size {
+            let last = size / self.block * self.block;
+            self.invalidate_range(cgen, last, last + 1);
+        }
+    }
+
     /// Returns the block, fetching it with `fetch` unless it is cached or
     /// already being fetched. The fetch runs in its own task, so it completes
     /// (and fills the cache) even if this caller goes away.

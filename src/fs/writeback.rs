@@ -71,11 +71,20 @@ impl Chunk {
         };
         if start < from {
             let data = self.data.slice(..(from - start) as usize);
-            pieces.push(piece(start, data, permit.take()));
+            pieces.push(piece(start, data, None));
         }
         if to < end {
             let data = self.data.slice((to - start) as usize..);
-            pieces.push(piece(to, data, permit.take()));
+            // Each piece holds its own share of the budget, so freeing one
+            // cannot leave the other's bytes uncounted.
+            let share = match (&mut permit, pieces.is_empty()) {
+                (Some(p), false) => p.split(data.len().min(p.num_permits())),
+                (p, _) => p.take(),
+            };
+            pieces.push(piece(to, data, share));
+        }
+        if let Some(first) = pieces.first_mut().filter(|c| c._permit.is_none()) {
+            first._permit = permit;
         }
         pieces
     }
@@ -379,6 +388,8 @@ impl WriteBack {
                 let mut files = self.files.lock();
                 let file = Self::file_in(&mut files, ino, fh);
                 let mut s = file.state.lock();
+                // `release` needs this state's lock too: it cannot slip in now.
+                drop(files);
                 s.cred = Some(cred.clone());
                 let mut sends = Vec::new();
                 if s.gather.as_ref().is_some_and(|g| {
@@ -679,7 +690,11 @@ impl WriteBack {
     /// them and `release` sees them pending. Errors that retrying cannot
     /// cure drop the data and are kept for the writers to report; others
     /// keep it for the next flush and are this call's outcome.
-    async fn commit_file(&self, ino: u64, file: &FileWrites) -> Result<(), FsError> {
+    async fn commit_file(
+        self: &Arc<Self>,
+        ino: u64,
+        file: &Arc<FileWrites>,
+    ) -> Result<(), FsError> {
         let _serial = file.commit_lock.lock().await;
         let cred = {
             let mut s = file.state.lock();
@@ -689,6 +704,8 @@ impl WriteBack {
             for c in &mut s.uncommitted {
                 c.committing = true;
             }
+            // Whatever is sent from now on ages from now.
+            s.oldest_uncommitted = None;
             s.cred.clone().unwrap_or(Credential::None)
         };
         let commit = match self.nfs.commit(&cred, &file.fh, 0, 0).await {
@@ -705,7 +722,8 @@ impl WriteBack {
                 for c in &mut s.uncommitted {
                     c.committing = false;
                 }
-                s.oldest_uncommitted.get_or_insert_with(Instant::now);
+                // Retried when it ages again, not at the flusher's next look.
+                s.oldest_uncommitted = Some(Instant::now());
                 return Err(e);
             }
         };
@@ -742,10 +760,27 @@ impl WriteBack {
         );
         self.resent
             .fetch_add(lost.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // In a task of its own: the chunks are out of the file's state
+        // until resent, and a caller that gives up (a dropped flush) must not
+        // drop them, nor leave their ranges counted on the wire.
+        let (wb, file) = (self.clone(), file.clone());
+        tokio::spawn(async move { wb.resend(ino, &file, &cred, lost).await })
+            .await
+            .unwrap_or(Err(FsError::IO))
+    }
+
+    /// Sends `lost` chunks again, FILE_SYNC; see [`Self::commit_file`].
+    async fn resend(
+        &self,
+        ino: u64,
+        file: &FileWrites,
+        cred: &Credential,
+        lost: Vec<Chunk>,
+    ) -> Result<(), FsError> {
         let mut lost = lost.into_iter();
         while let Some(c) = lost.next() {
             let sent = self
-                .send_chunk(ino, &file.fh, &cred, c.offset, &c.data, StableHow::FileSync)
+                .send_chunk(ino, &file.fh, cred, c.offset, &c.data, StableHow::FileSync)
                 .await;
             let mut s = file.state.lock();
             s.sent(c.offset, c.end());
@@ -850,7 +885,9 @@ impl WriteBack {
                         }
                         _ => None,
                     };
+                    // A commit already running (or queued) covers this file.
                     let commit = !s.uncommitted.is_empty()
+                        && file.commit_lock.try_lock().is_ok()
                         && (under_pressure
                             || s.oldest_uncommitted
                                 .is_some_and(|t| t.elapsed() >= COMMIT_AGE));
