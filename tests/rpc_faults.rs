@@ -3,6 +3,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -221,4 +222,73 @@ async fn hard_call_survives_a_server_that_drops_the_first_connection() {
         st.calls_sent, 2,
         "the same call was sent once per connection: {st:?}"
     );
+}
+
+/// A server whose first connection either hangs up on the first call or
+/// never answers it, and whose later connections answer; it records each
+/// connection's peer address.
+async fn serve_second_connection(
+    hang_up: bool,
+) -> (SocketAddr, Arc<parking_lot::Mutex<Vec<SocketAddr>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peers = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, peer)) = listener.accept().await {
+            let first = {
+                let mut seen = seen.lock();
+                seen.push(peer);
+                seen.len() == 1
+            };
+            tokio::spawn(async move {
+                while let Some(xid) = read_call(&mut sock).await {
+                    if first && hang_up {
+                        return;
+                    }
+                    if first {
+                        continue; // silent: the client must give up on us
+                    }
+                    let reply = accepted_success(xid);
+                    let mut rec = ((reply.len() as u32) | 0x8000_0000).to_be_bytes().to_vec();
+                    rec.extend_from_slice(&reply);
+                    if sock.write_all(&rec).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, peers)
+}
+
+/// A call resent after a reconnect comes from the old connection's source
+/// port, so the server's duplicate request cache (which keys on address
+/// and port) can recognise it: both when the server hangs up and when the
+/// client gives up on a connection that stopped answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_keeps_the_source_port() {
+    for hang_up in [true, false] {
+        let (addr, peers) = serve_second_connection(hang_up).await;
+        let rpc = RpcClient::new(
+            addr,
+            RpcConfig {
+                timeo: Duration::from_millis(300),
+                retrans: 0,
+                resvport: false,
+                ..Default::default()
+            },
+        );
+        NfsClient::new(rpc.clone())
+            .null(&cred())
+            .await
+            .expect("resent after reconnect");
+        let peers = peers.lock().clone();
+        assert_eq!(peers.len(), 2, "hang_up {hang_up}: {peers:?}");
+        assert_eq!(
+            peers[0].port(),
+            peers[1].port(),
+            "hang_up {hang_up}: the resend came from a new port"
+        );
+    }
 }

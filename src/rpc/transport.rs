@@ -171,6 +171,8 @@ struct ConnShared {
     direct_max: usize,
     reconnect: Notify,
     local_addr: Mutex<Option<SocketAddr>>,
+    /// The source port of the last connection, for the next one to reuse.
+    last_port: Mutex<Option<u16>>,
     stats: ConnStats,
 }
 
@@ -180,6 +182,10 @@ struct WriterSlot {
     /// The unwritten tail of a call that a caller began writing directly;
     /// it must go out before any other byte.
     carry: Option<Bytes>,
+    /// The driver is writing calls. Left set if its write was abandoned
+    /// half-way (a reconnect request won the race), when the socket may
+    /// end inside a record: no caller may write after that.
+    busy: bool,
 }
 
 /// Calls up to this size may be written by the caller itself: they fit an
@@ -226,6 +232,7 @@ impl RpcClient {
                     direct_max: DIRECT_MAX.min(cfg.max_send_fragment),
                     reconnect: Notify::new(),
                     local_addr: Mutex::new(None),
+                    last_port: Mutex::new(None),
                     stats: ConnStats::default(),
                 });
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -463,7 +470,7 @@ impl ConnShared {
         };
         let Some(w) = slot
             .as_mut()
-            .filter(|w| w.carry.is_none() && w.wr.buffer().is_empty())
+            .filter(|w| !w.busy && w.carry.is_none() && w.wr.buffer().is_empty())
         else {
             return false;
         };
@@ -539,7 +546,8 @@ async fn drive_connection(
                 return;
             }
         }
-        let stream = match connect(shared.addr, &cfg).await {
+        let port = *shared.last_port.lock();
+        let stream = match connect(shared.addr, &cfg, port).await {
             Ok(s) => s,
             Err(e) if cfg.fail_fast_connect => {
                 let waiters: Vec<_> = shared
@@ -575,6 +583,7 @@ async fn drive_connection(
         generation += 1;
         shared.stats.connects.fetch_add(1, Ordering::Relaxed);
         *shared.local_addr.lock() = stream.local_addr().ok();
+        *shared.last_port.lock() = stream.local_addr().ok().map(|a| a.port());
         debug!(server = %shared.addr, local = ?stream.local_addr().ok(), generation, "connected");
         let opened = Instant::now();
         // Reconnect requests from calls that timed out on the previous
@@ -586,9 +595,20 @@ async fn drive_connection(
             let _ = futures::FutureExt::now_or_never(stale.as_mut());
         }
         let (rd, wr) = stream.into_split();
-        let mut reader = tokio::spawn(read_replies(rd, shared.clone(), cfg.max_record));
-        let end = serve_connection(&shared, &mut rx, wr, &mut reader, generation, &cfg).await;
-        reader.abort();
+        // Aborted however this task ends, even when it is aborted itself (the
+        // client was dropped): a reader left behind would keep the socket.
+        let mut reader = AbortOnDrop(tokio::spawn(read_replies(
+            rd,
+            shared.clone(),
+            cfg.max_record,
+        )));
+        let end = serve_connection(&shared, &mut rx, wr, &mut reader.0, generation, &cfg).await;
+        // Closed before the next connect, which takes over its port. (A
+        // finished reader may have been polled to its end already.)
+        if !reader.0.is_finished() {
+            reader.0.abort();
+            let _ = (&mut reader.0).await;
+        }
         *shared.local_addr.lock() = None;
         match end {
             ConnEnd::Shutdown => return,
@@ -606,6 +626,14 @@ async fn drive_connection(
                 }
             }
         }
+    }
+}
+
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -663,11 +691,14 @@ async fn serve_connection(
                 wr: BufWriter::with_capacity(64 << 10, wr),
                 generation,
                 carry: None,
+                busy: true,
             });
             for xid in outstanding {
                 write_call(&mut w.wr, shared, xid, generation, frag).await?;
             }
-            w.wr.flush().await
+            w.wr.flush().await?;
+            w.busy = false;
+            Ok::<_, std::io::Error>(())
         };
         tokio::select! {
             r = resend => if let Err(e) = r { return ConnEnd::Failed(e.to_string()) },
@@ -683,6 +714,7 @@ async fn serve_connection(
                     let batch = async {
                         let mut slot = shared.writer.lock().await;
                         let w = slot.as_mut().expect("writer slot set for this connection");
+                        w.busy = true;
                         // A call a caller began writing must be finished first.
                         if let Some(tail) = w.carry.take() {
                             w.wr.write_all(&tail).await?;
@@ -691,7 +723,9 @@ async fn serve_connection(
                         while let Ok(xid) = rx.try_recv() {
                             write_call(&mut w.wr, shared, xid, generation, frag).await?;
                         }
-                        w.wr.flush().await
+                        w.wr.flush().await?;
+                        w.busy = false;
+                        Ok::<_, std::io::Error>(())
                     };
                     // A write can block forever on a black-holed peer; a reconnect
                     // request or the reader's death must still get through.
@@ -815,9 +849,49 @@ fn route_reply(shared: &ConnShared, record: Bytes) {
     }
 }
 
-async fn connect(addr: SocketAddr, cfg: &RpcConfig) -> std::io::Result<TcpStream> {
+/// Connects from `port` when given (the previous connection's), else from
+/// a free reserved port (`resvport` as root) or any port. A call resent
+/// after a reconnect must come from the same address and port, or the
+/// server's duplicate request cache (knfsd's, ganesha's) takes it for a new
+/// call and runs a REMOVE or an exclusive CREATE twice; the kernel client
+/// reuses its port for the same reason.
+async fn connect(
+    addr: SocketAddr,
+    cfg: &RpcConfig,
+    port: Option<u16>,
+) -> std::io::Result<TcpStream> {
     let privileged = cfg.resvport && nix::unistd::geteuid().is_root();
+    let from = |port: u16| async move {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        let local: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+        };
+        socket.bind(local)?;
+        socket.connect(addr).await
+    };
+    let taken = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+        )
+    };
     let fut = async {
+        if let Some(port) = port {
+            match from(port).await {
+                Ok(s) => return Ok(s),
+                Err(e) if taken(&e) => {
+                    debug!(server = %addr, port, error = %e, "previous source port not free")
+                }
+                Err(e) => return Err(e),
+            }
+        }
         if !privileged {
             return TcpStream::connect(addr).await;
         }
@@ -825,32 +899,9 @@ async fn connect(addr: SocketAddr, cfg: &RpcConfig) -> std::io::Result<TcpStream
         let start = rand::random::<u32>() % span;
         let mut last_err = None;
         for i in 0..span {
-            let port = RESVPORT_MIN + ((start + i) % span) as u16;
-            let socket = if addr.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            socket.set_reuseaddr(true)?;
-            let local: SocketAddr = if addr.is_ipv4() {
-                (std::net::Ipv4Addr::UNSPECIFIED, port).into()
-            } else {
-                (std::net::Ipv6Addr::UNSPECIFIED, port).into()
-            };
-            if let Err(e) = socket.bind(local) {
-                last_err = Some(e);
-                continue;
-            }
-            match socket.connect(addr).await {
+            match from(RESVPORT_MIN + ((start + i) % span) as u16).await {
                 Ok(s) => return Ok(s),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
-                    ) =>
-                {
-                    last_err = Some(e);
-                }
+                Err(e) if taken(&e) => last_err = Some(e),
                 Err(e) => return Err(e),
             }
         }
@@ -865,5 +916,8 @@ async fn connect(addr: SocketAddr, cfg: &RpcConfig) -> std::io::Result<TcpStream
             )
         })??;
     stream.set_nodelay(true)?;
+    // Closed with a reset, not a FIN: a connection we drop (to reconnect)
+    // must not sit in TIME_WAIT holding the port the next one reuses.
+    stream.set_zero_linger()?;
     Ok(stream)
 }
