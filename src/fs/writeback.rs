@@ -654,12 +654,16 @@ impl WriteBack {
     }
 
     /// What a descriptor opened now starts from: past the failures already
-    /// reported, short of one nobody has reported yet.
+    /// reported, short of one nobody has reported yet. State kept under this
+    /// fileid for another handle belongs to a removed file whose fileid the
+    /// server gave to this one: it is dropped here, so this file's flush,
+    /// fsync and close neither wait on it nor report its errors.
     pub fn error_cursor(&self, ino: u64, fh: &FileHandle) -> u64 {
-        let unreported = self.files.lock().get(&ino).and_then(|f| {
-            if f.fh != *fh {
-                return None; // another file that had this fileid
-            }
+        let mut files = self.files.lock();
+        if files.get(&ino).is_some_and(|f| f.fh != *fh) {
+            files.remove(&ino);
+        }
+        let unreported = files.get(&ino).and_then(|f| {
             let s = f.state.lock();
             s.error.filter(|e| !e.reported).map(|e| e.stamp - 1)
         });
