@@ -778,6 +778,54 @@ async fn a_write_past_the_end_drops_the_short_last_block() {
     std::fs::remove_dir_all(on_disk).unwrap();
 }
 
+/// Our own write keeps the rest of the file's cache even on a server that
+/// sends no pre-operation attributes with WRITE replies (ganesha): the
+/// change is taken as ours, as the kernel client takes it, so blocks the
+/// write did not touch are still served without a READ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_own_write_keeps_the_rest_of_the_cache_without_pre_op_attributes() {
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("forcewcc");
+    let cfg = ganesha_through(&g, |_| Fault::Pass).await;
+    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
+        .await
+        .unwrap();
+    let bs = session.rsize as usize;
+    std::fs::write(on_disk.join("f"), content(3 * bs)).unwrap();
+    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let who = Caller::root();
+    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
+    let ino = fs.lookup(&who, top, b"f").await.unwrap().ino;
+    let h = fs.open(&who, ino, libc::O_RDWR).await.unwrap();
+    for k in 0..3 {
+        let got = fs
+            .read(&who, ino, h.fh, (k * bs) as u64, bs as u32)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), bs);
+    }
+    fs.write(&who, ino, h.fh, bs as u64 + 10, b"ours".to_vec())
+        .await
+        .unwrap();
+    fs.fsync(ino, h.fh).await.unwrap();
+    let before = calls(&fs);
+    let again = fs.read(&who, ino, h.fh, 0, bs as u32).await.unwrap();
+    assert_eq!(&again[..], &content(3 * bs)[..bs]);
+    assert_eq!(
+        calls(&fs),
+        before,
+        "our own write dropped the file's other cached blocks"
+    );
+    let middle = fs
+        .read(&who, ino, h.fh, bs as u64, bs as u32)
+        .await
+        .unwrap();
+    assert_eq!(&middle[10..14], b"ours");
+    fs.flush(ino, h.fh).await.unwrap();
+    fs.release(&who, ino, h.fh).await.unwrap();
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
 /// A server that keeps times only to the second (FSINFO time_delta, here
 /// rewritten on the way back from ganesha) cannot show an exclusive
 /// create's atime marker, so O_EXCL goes EXCLUSIVE as the kernel sends it,

@@ -291,7 +291,7 @@ impl NfsFs {
         let pages = PageCache::new(session.rsize, cfg.cache_size);
         let (sink_inodes, sink_pages) = (inodes.clone(), pages.clone());
         let sink: writeback::WccSink = Arc::new(move |ino: u64, wcc: &Wcc, written| {
-            Self::track_wcc(&sink_inodes, ino, wcc);
+            Self::track_wcc(&sink_inodes, ino, wcc, written.is_some());
             // A read that raced this WRITE may have cached the bytes it
             // replaced, or the file's old last block, short of the new end.
             if let Some((from, to)) = written
@@ -342,10 +342,15 @@ impl NfsFs {
     /// Weak cache consistency: if the pre-operation attributes are the ones
     /// our cached data belongs to, the change was ours and the data stays
     /// valid under the new key; otherwise someone else changed the file.
-    fn track_wcc(inodes: &InodeTable, ino: u64, wcc: &Wcc) {
+    /// A reply to our own WRITE without pre-operation attributes (ganesha
+    /// sends none) is taken as ours, as the kernel client takes it
+    /// (`nfs_post_op_update_inode_force_wcc`): else every write would drop
+    /// the whole file's cache.
+    fn track_wcc(inodes: &InodeTable, ino: u64, wcc: &Wcc, own_write: bool) {
         inodes.with(ino, |i| {
             if let Some(after) = wcc.after {
-                match (wcc.before, i.data_key) {
+                let before = wcc.before.or(if own_write { i.data_key } else { None });
+                match (before, i.data_key) {
                     (Some(before), Some(key)) if before == key => {
                         i.data_key = Some(after.change_key())
                     }
