@@ -308,7 +308,14 @@ async fn plugin_sigterm_then_restart_republish_or_unpublish() {
     for t in [&ta, &tb] {
         assert!(!is_mounted(t), "{} still mounted", t.display());
         assert!(mount_pids(t).is_empty());
-        assert!(t.is_dir(), "the target directory stays for the CO");
+        // Swarm re-sends NodePublish only after a dockerd restart: a bare
+        // directory left here would be bound into the next task, and its
+        // writes would go to this node's disk. Missing, the bind fails.
+        assert!(
+            !t.exists(),
+            "{} left behind as a plain directory",
+            t.display()
+        );
     }
     assert_eq!(
         std::fs::read(g.dir.join(&name).join("a.txt")).unwrap(),

@@ -707,6 +707,12 @@ impl Supervisor {
             }
             // Also a dead child's mount, which would stay behind as ENOTCONN.
             let _ = detach(&target);
+            // And the empty directory: Swarm re-sends NodePublish only when
+            // dockerd restarts, so after a plugin restart it would bind the
+            // bare directory into the next task, whose writes would land on
+            // this node's disk. Missing, the bind fails and says so.
+            // (remove_dir takes only an empty, unmounted directory.)
+            let _ = std::fs::remove_dir(&target);
         });
         futures::future::join_all(stops).await;
     }
