@@ -490,6 +490,26 @@ async fn ganesha_through(
     }
 }
 
+/// An [`NfsFs`] on the ganesha export with NFS calls through a
+/// [`fault_proxy`], and the inode of the test directory `rel` in it.
+async fn ganesha_fs(
+    g: &Ganesha,
+    rel: &str,
+    fault: impl Fn(u32) -> Fault + Send + Sync + 'static,
+) -> (Arc<NfsFs>, u64) {
+    let cfg = ganesha_through(g, fault).await;
+    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
+        .await
+        .unwrap();
+    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let top = fs
+        .lookup(&Caller::root(), ROOT_INO, rel.as_bytes())
+        .await
+        .unwrap()
+        .ino;
+    (fs, top)
+}
+
 /// A COMMIT the server fails keeps the data: fsync reports the failure
 /// (EIO), and the next fsync commits the same data again instead of
 /// treating it as done. Against ganesha through a proxy that fails COMMITs
@@ -517,13 +537,8 @@ async fn a_failed_commit_keeps_the_data_for_the_next_fsync() {
             }
         }
     };
-    let cfg = ganesha_through(&g, fault).await;
-    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
-        .await
-        .unwrap();
-    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let (fs, top) = ganesha_fs(&g, &rel, fault).await;
     let who = Caller::root();
-    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
     let (e, h) = fs
         .create(&who, top, b"f", 0o644, libc::O_WRONLY)
         .await
@@ -582,13 +597,8 @@ async fn a_commit_outlives_another_descriptors_close() {
             }
         }
     };
-    let cfg = ganesha_through(&g, fault).await;
-    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
-        .await
-        .unwrap();
-    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let (fs, top) = ganesha_fs(&g, &rel, fault).await;
     let who = Caller::root();
-    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
     let (e, writer) = fs
         .create(&who, top, b"f", 0o644, libc::O_RDWR)
         .await
@@ -657,13 +667,8 @@ async fn a_resend_after_a_verifier_change_keeps_newer_data() {
             }
         }
     };
-    let cfg = ganesha_through(&g, fault).await;
-    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
-        .await
-        .unwrap();
-    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let (fs, top) = ganesha_fs(&g, &rel, fault).await;
     let who = Caller::root();
-    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
     let (e, h) = fs
         .create(&who, top, b"f", 0o644, libc::O_WRONLY)
         .await
@@ -733,7 +738,7 @@ async fn a_write_past_the_end_drops_the_short_last_block() {
     let Some(g) = ganesha() else { return };
     let (on_disk, rel) = g.test_dir("pastend");
     std::fs::write(on_disk.join("small"), content(100)).unwrap();
-    let cfg = ganesha_through(&g, |procedure| {
+    let (fs, top) = ganesha_fs(&g, &rel, |procedure| {
         if procedure == WRITE {
             Fault::RewriteReply(with_pre_op_attrs)
         } else {
@@ -741,12 +746,7 @@ async fn a_write_past_the_end_drops_the_short_last_block() {
         }
     })
     .await;
-    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
-        .await
-        .unwrap();
-    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
     let who = Caller::root();
-    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
     let ino = fs.lookup(&who, top, b"small").await.unwrap().ino;
     let reader = fs.open(&who, ino, libc::O_RDONLY).await.unwrap();
     let first = fs.read(&who, ino, reader.fh, 0, 4096).await.unwrap();
@@ -786,15 +786,10 @@ async fn a_write_past_the_end_drops_the_short_last_block() {
 async fn our_own_write_keeps_the_rest_of_the_cache_without_pre_op_attributes() {
     let Some(g) = ganesha() else { return };
     let (on_disk, rel) = g.test_dir("forcewcc");
-    let cfg = ganesha_through(&g, |_| Fault::Pass).await;
-    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
-        .await
-        .unwrap();
-    let bs = session.rsize as usize;
-    std::fs::write(on_disk.join("f"), content(3 * bs)).unwrap();
-    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
+    let (fs, top) = ganesha_fs(&g, &rel, |_| Fault::Pass).await;
     let who = Caller::root();
-    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
+    let bs = fs.session().rsize as usize;
+    std::fs::write(on_disk.join("f"), content(3 * bs)).unwrap();
     let ino = fs.lookup(&who, top, b"f").await.unwrap().ino;
     let h = fs.open(&who, ino, libc::O_RDWR).await.unwrap();
     for k in 0..3 {
@@ -865,17 +860,13 @@ async fn an_exclusive_create_on_a_coarse_clock_server_sets_mode_and_times() {
             _ => Fault::Pass,
         }
     };
-    let cfg = ganesha_through(&g, fault).await;
-    let session = csi_nfs_fuse::nfs::session::connect(&g.host, &g.export, &cfg, &root_cred())
-        .await
-        .unwrap();
+    let (fs, top) = ganesha_fs(&g, &rel, fault).await;
     assert_eq!(
-        session.fsinfo.time_delta.seconds, 1,
+        fs.session().fsinfo.time_delta.seconds,
+        1,
         "the proxy did not edit FSINFO"
     );
-    let fs = NfsFs::new(session, FsConfig::from_options(&MountOptions::default()));
     let who = Caller::root();
-    let top = fs.lookup(&who, ROOT_INO, rel.as_bytes()).await.unwrap().ino;
     let excl = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
     let (e, h) = fs.create(&who, top, b"lock", 0o640, excl).await.unwrap();
     fs.release(&who, e.ino, h.fh).await.unwrap();

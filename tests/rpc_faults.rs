@@ -80,10 +80,7 @@ async fn serve(handler: fn(u32) -> Option<Vec<u8>>) -> SocketAddr {
                 while let Some(xid) = read_call(&mut sock).await {
                     match handler(xid) {
                         Some(reply) => {
-                            let mut rec =
-                                ((reply.len() as u32) | 0x8000_0000).to_be_bytes().to_vec();
-                            rec.extend_from_slice(&reply);
-                            if sock.write_all(&rec).await.is_err() {
+                            if !send_record(&mut sock, &reply).await {
                                 return;
                             }
                         }
@@ -94,6 +91,13 @@ async fn serve(handler: fn(u32) -> Option<Vec<u8>>) -> SocketAddr {
         }
     });
     addr
+}
+
+/// Writes `reply` as one record; false once the client is gone.
+async fn send_record(sock: &mut tokio::net::TcpStream, reply: &[u8]) -> bool {
+    let mut rec = ((reply.len() as u32) | 0x8000_0000).to_be_bytes().to_vec();
+    rec.extend_from_slice(reply);
+    sock.write_all(&rec).await.is_ok()
 }
 
 fn accepted_success(xid: u32) -> Vec<u8> {
@@ -249,10 +253,7 @@ async fn serve_second_connection(
                     if first {
                         continue; // silent: the client must give up on us
                     }
-                    let reply = accepted_success(xid);
-                    let mut rec = ((reply.len() as u32) | 0x8000_0000).to_be_bytes().to_vec();
-                    rec.extend_from_slice(&reply);
-                    if sock.write_all(&rec).await.is_err() {
+                    if !send_record(&mut sock, &accepted_success(xid)).await {
                         return;
                     }
                 }

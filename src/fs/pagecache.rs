@@ -272,23 +272,19 @@ mod tests {
                 }
             }
         };
-        let first = tokio::spawn({
+        // A reader of block (1, 0) whose fetch returns what `rx` is sent.
+        let read = |rx: tokio::sync::oneshot::Receiver<Bytes>| {
             let c = c.clone();
-            async move {
-                c.get_or_fetch((1, 0), async move { Ok(old_rx.await.unwrap()) })
+            tokio::spawn(async move {
+                c.get_or_fetch((1, 0), async move { Ok(rx.await.unwrap()) })
                     .await
-            }
-        });
+            })
+        };
+        let first = read(old_rx);
         started(&c, 1).await;
         c.invalidate_range(1, 0, 4);
         started(&c, 0).await;
-        let second = tokio::spawn({
-            let c = c.clone();
-            async move {
-                c.get_or_fetch((1, 0), async move { Ok(new_rx.await.unwrap()) })
-                    .await
-            }
-        });
+        let second = read(new_rx);
         started(&c, 1).await;
         old_tx.send(Bytes::from_static(b"old!")).unwrap();
         assert_eq!(&first.await.unwrap().unwrap()[..], b"old!");

@@ -262,6 +262,16 @@ struct FileWrites {
     commit_lock: tokio::sync::Mutex<()>,
 }
 
+impl FileWrites {
+    /// Resolves when the next WRITE leaves the wire. Called under the state
+    /// lock: it is enabled here, so that wake-up cannot be missed.
+    fn next_sent(&self) -> std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>> {
+        let mut sent = Box::pin(self.sent.clone().notified_owned());
+        sent.as_mut().enable();
+        sent
+    }
+}
+
 /// Observer of WRITE and COMMIT replies, so the filesystem can track its own
 /// changes through wcc_data without invalidating its caches, and drop what
 /// a read that raced a WRITE cached of the bytes it replaced: (inode, wcc,
@@ -399,10 +409,7 @@ impl WriteBack {
                 }
                 let mut wait = None;
                 if s.is_sending(offset, end) {
-                    // Enabled under the lock, so the wake-up cannot be missed.
-                    let mut sent = Box::pin(file.sent.clone().notified_owned());
-                    sent.as_mut().enable();
-                    wait = Some(sent);
+                    wait = Some(file.next_sent());
                 } else if let Some((data, permit)) = accepted.take() {
                     sends.extend(s.accept(offset, data, permit, self.wsize));
                 }
@@ -546,9 +553,7 @@ impl WriteBack {
                 };
                 let mut s = file.state.lock();
                 if s.is_sending(offset, end) {
-                    let mut sent = Box::pin(file.sent.clone().notified_owned());
-                    sent.as_mut().enable();
-                    sent
+                    file.next_sent()
                 } else {
                     s.supersede(offset, end);
                     break;
