@@ -739,8 +739,18 @@ async fn serve_connection(
         }
     }
     .await;
-    *shared.writer.lock().await = None;
+    discard_writer(&mut *shared.writer.lock().await);
     end
+}
+
+/// Drops a connection's write half without the FIN its drop would send
+/// (a half-close): the read half's close then resets the connection (zero
+/// linger), where a FIN answered by the server's would leave the socket in
+/// TIME_WAIT, holding the source port the reconnect wants back.
+fn discard_writer(slot: &mut Option<WriterSlot>) {
+    if let Some(w) = slot.take() {
+        w.wr.into_inner().forget();
+    }
 }
 
 struct ClearWriterSlot<'a>(&'a ConnShared);
@@ -749,7 +759,7 @@ impl Drop for ClearWriterSlot<'_> {
     fn drop(&mut self) {
         // A direct writer holds the lock only for one non-blocking write.
         if let Ok(mut slot) = self.0.writer.try_lock() {
-            *slot = None;
+            discard_writer(&mut *slot);
         }
     }
 }
@@ -893,7 +903,9 @@ async fn connect(
             }
         }
         if !privileged {
-            return TcpStream::connect(addr).await;
+            // Bound by us, not by connect(), so that it too is SO_REUSEADDR
+            // and the reconnect can bind its port again.
+            return from(0).await;
         }
         let span = (RESVPORT_MAX - RESVPORT_MIN + 1) as u32;
         let start = rand::random::<u32>() % span;
