@@ -509,12 +509,15 @@ impl Filesystem for FuseAdapter {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        // Every close(2) of a shared descriptor flushes, a forked child's
+        // too, and the first takes the write error: the pid says whose.
+        tracing::debug!(ino = ino.0, fh = fh.0, pid = req.pid(), "flush");
         let fs = self.fs.clone();
         self.answer(async move { reply_empty(reply, fs.flush(ino.0, fh.0).await) });
     }

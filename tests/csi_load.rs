@@ -41,18 +41,6 @@ const RSS_SLACK_KIB: u64 = 8 << 10;
 /// And no mount may ever exceed this.
 const RSS_CEILING_KIB: u64 = 48 << 10;
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 struct Sample {
     fds: usize,
     rss_kib: u64,

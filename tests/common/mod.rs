@@ -402,3 +402,38 @@ impl Drop for NamedGanesha {
             .output();
     }
 }
+
+/// Bytes from a seeded xorshift: different seeds give different data.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// One 4 KiB block aligned for O_DIRECT.
+#[derive(Clone)]
+#[repr(align(4096))]
+pub struct Block(pub [u8; 4096]);
+
+impl Block {
+    pub fn pattern(seed: u64) -> Block {
+        let mut block = Block([0; 4096]);
+        block.0.copy_from_slice(&pattern(seed, 4096));
+        block
+    }
+}
+
+pub fn open_direct_writer(path: PathBuf) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap()
+}
