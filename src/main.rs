@@ -21,7 +21,7 @@ enum Cmd {
     Mount {
         source: String,
         mountpoint: PathBuf,
-        /// Mount options, comma separated (nfs(5) names plus uid=, gid=, allow_other, cache_size=, fsname=, debug).
+        /// Mount options, comma separated (nfs(5) names plus uid=, gid=, allow_other, cache_size=, fuse_threads=, fsname=, debug).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Stay in the foreground (the default for this subcommand).

@@ -141,7 +141,7 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
     } else {
         SessionACL::RootAndOwner
     };
-    config.n_threads = Some(4);
+    config.n_threads = Some(opts.fuse_threads);
     config.clone_fd = true;
 
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
@@ -203,6 +203,19 @@ fn run_inner(req: &MountRequest) -> anyhow::Result<()> {
             "the mount is still referenced elsewhere (another mount namespace?); closing the FUSE connection"
         );
     }
+    let calls: Vec<String> = sess
+        .nfs
+        .call_counts()
+        .iter()
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect();
+    let rpc = sess.nfs.rpc().stats();
+    info!(
+        calls = %calls.join(" "),
+        connects = rpc.connects,
+        retransmits = rpc.retransmits,
+        "NFS calls made by this mount"
+    );
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(3), sess.unmount(&cred))
             .await

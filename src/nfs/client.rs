@@ -9,6 +9,9 @@ use nfs3_types::nfs3::{
 };
 use nfs3_types::xdr_codec::{Opaque, Pack, Void};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::types::*;
 use crate::rpc::{Credential, Decode, RpcClient, RpcError};
 
@@ -60,7 +63,39 @@ pub type NfsResult<T, F> = Result<T, Failure<F>>;
 #[derive(Clone)]
 pub struct NfsClient {
     rpc: RpcClient,
+    calls: Arc<CallCounts>,
 }
+
+/// NFSv3 procedure names, by number (RFC 1813).
+const PROC_NAMES: [&str; 22] = [
+    "NULL",
+    "GETATTR",
+    "SETATTR",
+    "LOOKUP",
+    "ACCESS",
+    "READLINK",
+    "READ",
+    "WRITE",
+    "CREATE",
+    "MKDIR",
+    "SYMLINK",
+    "MKNOD",
+    "REMOVE",
+    "RMDIR",
+    "RENAME",
+    "LINK",
+    "READDIR",
+    "READDIRPLUS",
+    "FSSTAT",
+    "FSINFO",
+    "PATHCONF",
+    "COMMIT",
+];
+
+/// Calls made per procedure, as `nfsstat -c` counts them: what a workload
+/// costs in round trips, logged when the mount ends.
+#[derive(Default)]
+struct CallCounts([AtomicU64; PROC_NAMES.len()]);
 
 fn fname(name: &[u8]) -> filename3<'_> {
     filename3(Opaque::borrowed(name))
@@ -75,7 +110,26 @@ fn dirop<'a>(dir: &FileHandle, name: &'a [u8]) -> diropargs3<'a> {
 
 impl NfsClient {
     pub fn new(rpc: RpcClient) -> Self {
-        Self { rpc }
+        Self {
+            rpc,
+            calls: Arc::default(),
+        }
+    }
+
+    fn count(&self, proc: u32) {
+        if let Some(n) = self.calls.0.get(proc as usize) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The procedures called so far and how often, in procedure order.
+    pub fn call_counts(&self) -> Vec<(&'static str, u64)> {
+        PROC_NAMES
+            .iter()
+            .zip(&self.calls.0)
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     pub fn rpc(&self) -> &RpcClient {
@@ -88,6 +142,7 @@ impl NfsClient {
         cred: &Credential,
         args: &A,
     ) -> NfsResult<T, F> {
+        self.count(proc);
         let mut r = self
             .rpc
             .call(NFS_PROGRAM, NFS_VERSION, proc, cred, args)
@@ -96,6 +151,7 @@ impl NfsClient {
     }
 
     pub async fn null(&self, cred: &Credential) -> Result<(), RpcError> {
+        self.count(0);
         self.rpc
             .call(NFS_PROGRAM, NFS_VERSION, 0, cred, &Void)
             .await
@@ -225,6 +281,7 @@ impl NfsClient {
             count: data.len() as u32,
             stable: stable.to_nfs(),
         };
+        self.count(7);
         let mut r = self
             .rpc
             .call_with_opaque((NFS_PROGRAM, NFS_VERSION, 7), cred, &head, data)
