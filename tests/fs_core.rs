@@ -572,6 +572,60 @@ async fn a_failed_commit_keeps_the_data_for_the_next_fsync() {
     std::fs::remove_dir_all(on_disk).unwrap();
 }
 
+/// NFS3ERR_JUKEBOX says the server did nothing and is busy with the file
+/// (ganesha's FSAL delay, an HSM recall): the client sends the call again
+/// after a pause, as the kernel does, instead of failing the write or the
+/// fsync with EAGAIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_server_is_asked_again() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const WRITE: u32 = 7;
+    const COMMIT: u32 = 21;
+    const NFS3ERR_JUKEBOX: u32 = 10008;
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("jukebox");
+    let writes = Arc::new(AtomicU64::new(0));
+    let commits = Arc::new(AtomicU64::new(0));
+    let fault = {
+        let (writes, commits) = (writes.clone(), commits.clone());
+        move |procedure| {
+            let seen = match procedure {
+                WRITE => writes.fetch_add(1, Ordering::SeqCst),
+                COMMIT => commits.fetch_add(1, Ordering::SeqCst),
+                _ => return Fault::Pass,
+            };
+            // The first WRITE once, the first COMMIT twice.
+            if (procedure == WRITE && seen == 0) || (procedure == COMMIT && seen < 2) {
+                Fault::Fail(NFS3ERR_JUKEBOX)
+            } else {
+                Fault::Pass
+            }
+        }
+    };
+    let (fs, top) = ganesha_fs(&g, &rel, fault).await;
+    let who = Caller::root();
+    let (e, h) = fs
+        .create(&who, top, b"f", 0o644, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let data = content(3 << 20);
+    const PIECE: usize = 128 << 10;
+    for (i, piece) in data.chunks(PIECE).enumerate() {
+        fs.write(&who, e.ino, h.fh, (i * PIECE) as u64, piece.to_vec())
+            .await
+            .unwrap();
+    }
+    fs.fsync(e.ino, h.fh)
+        .await
+        .expect("fsync after JUKEBOX replies");
+    assert!(commits.load(Ordering::SeqCst) >= 3, "COMMIT not sent again");
+    assert!(writes.load(Ordering::SeqCst) >= 4, "WRITE not sent again");
+    fs.flush(e.ino, h.fh).await.unwrap();
+    fs.release(&who, e.ino, h.fh).await.unwrap();
+    assert_eq!(std::fs::read(on_disk.join("f")).unwrap(), data);
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
 /// A descriptor closed while a COMMIT is on the wire must not take the
 /// file's write state with it: when that COMMIT fails, the data is still
 /// pending, and the writer's next fsync commits it. (The state was once

@@ -11,9 +11,10 @@ use nfs3_types::xdr_codec::{Opaque, Pack, Void};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::types::*;
-use crate::rpc::{Credential, Decode, RpcClient, RpcError};
+use crate::rpc::{Credential, Decode, RpcClient, RpcConfig, RpcError};
 
 /// Why an NFS call did not succeed: the transport failed, or the server
 /// answered with an NFS3ERR status (keeping the failure body, e.g. wcc_data).
@@ -92,6 +93,52 @@ const PROC_NAMES: [&str; 22] = [
     "COMMIT",
 ];
 
+/// NFS3ERR_JUKEBOX: the server cannot act on the object just now (ganesha
+/// answers it for a FSAL delay, an HSM server while it recalls a file) and
+/// did nothing, so the call is sent again after a pause, as the kernel
+/// client does (every 5 s, for ever). We start sooner and back off to 5 s;
+/// a soft mount gives up once its major timeout (timeo x retrans) has
+/// passed, and the caller sees the server's status (EAGAIN).
+struct ServerBusy {
+    started: Instant,
+    pause: Duration,
+    give_up: Option<Duration>,
+}
+
+const JUKEBOX_FIRST_PAUSE: Duration = Duration::from_millis(100);
+const JUKEBOX_MAX_PAUSE: Duration = Duration::from_secs(5);
+
+impl ServerBusy {
+    fn new(cfg: &RpcConfig) -> Self {
+        Self {
+            started: Instant::now(),
+            pause: JUKEBOX_FIRST_PAUSE,
+            give_up: (!cfg.hard).then(|| cfg.timeo * cfg.retrans.max(1)),
+        }
+    }
+
+    async fn pause(&mut self, proc: u32) -> bool {
+        if self
+            .give_up
+            .is_some_and(|limit| self.started.elapsed() + self.pause > limit)
+        {
+            return false;
+        }
+        let procedure = PROC_NAMES.get(proc as usize).copied().unwrap_or("?");
+        if self.pause == JUKEBOX_FIRST_PAUSE {
+            tracing::warn!(
+                procedure,
+                "server busy (NFS3ERR_JUKEBOX); sending the call again"
+            );
+        } else {
+            tracing::debug!(procedure, pause = ?self.pause, "server still busy (NFS3ERR_JUKEBOX)");
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(JUKEBOX_MAX_PAUSE);
+        true
+    }
+}
+
 /// Calls made per procedure, as `nfsstat -c` counts them: what a workload
 /// costs in round trips, logged when the mount ends.
 #[derive(Default)]
@@ -142,12 +189,40 @@ impl NfsClient {
         cred: &Credential,
         args: &A,
     ) -> NfsResult<T, F> {
-        self.count(proc);
-        let mut r = self
-            .rpc
-            .call(NFS_PROGRAM, NFS_VERSION, proc, cred, args)
-            .await?;
-        decode_result(&mut r)
+        let mut busy = None;
+        loop {
+            self.count(proc);
+            let mut r = self
+                .rpc
+                .call(NFS_PROGRAM, NFS_VERSION, proc, cred, args)
+                .await?;
+            let result = decode_result(&mut r);
+            if !self.again_if_busy(&result, &mut busy, proc).await {
+                return result;
+            }
+        }
+    }
+
+    /// After an NFS3ERR_JUKEBOX reply, waits and says whether to send the
+    /// call again; see [`ServerBusy`].
+    async fn again_if_busy<T, F>(
+        &self,
+        result: &NfsResult<T, F>,
+        busy: &mut Option<ServerBusy>,
+        proc: u32,
+    ) -> bool {
+        if !matches!(
+            result,
+            Err(Failure::Nfs {
+                status: nfsstat3::NFS3ERR_JUKEBOX,
+                ..
+            })
+        ) {
+            return false;
+        }
+        busy.get_or_insert_with(|| ServerBusy::new(self.rpc.config()))
+            .pause(proc)
+            .await
     }
 
     pub async fn null(&self, cred: &Credential) -> Result<(), RpcError> {
@@ -281,12 +356,18 @@ impl NfsClient {
             count: data.len() as u32,
             stable: stable.to_nfs(),
         };
-        self.count(7);
-        let mut r = self
-            .rpc
-            .call_with_opaque((NFS_PROGRAM, NFS_VERSION, 7), cred, &head, data)
-            .await?;
-        decode_result(&mut r)
+        let mut busy = None;
+        loop {
+            self.count(7);
+            let mut r = self
+                .rpc
+                .call_with_opaque((NFS_PROGRAM, NFS_VERSION, 7), cred, &head, data.clone())
+                .await?;
+            let result = decode_result(&mut r);
+            if !self.again_if_busy(&result, &mut busy, 7).await {
+                return result;
+            }
+        }
     }
 
     pub async fn create(
