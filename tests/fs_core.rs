@@ -626,6 +626,49 @@ async fn a_busy_server_is_asked_again() {
     std::fs::remove_dir_all(on_disk).unwrap();
 }
 
+/// A server that lists a name no local file can have ('/' in it here) gets
+/// that entry left out; the kernel would fail the whole listing with EIO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_name_with_a_slash_is_left_out() {
+    const READDIR: u32 = 16;
+    const READDIRPLUS: u32 = 17;
+    fn slash(reply: &mut [u8]) {
+        if let Some(at) = reply.windows(7).position(|w| w == b"bad-one") {
+            reply[at + 3] = b'/';
+        }
+    }
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("slashname");
+    std::fs::write(on_disk.join("bad-one"), b"x").unwrap();
+    std::fs::write(on_disk.join("good"), b"y").unwrap();
+    let (fs, top) = ganesha_fs(&g, &rel, |procedure| {
+        if procedure == READDIR || procedure == READDIRPLUS {
+            Fault::EditReply(slash)
+        } else {
+            Fault::Pass
+        }
+    })
+    .await;
+    let who = Caller::root();
+    for plus in [true, false] {
+        let h = fs.opendir(top).unwrap();
+        let names: Vec<Vec<u8>> = fs
+            .readdir(&who, h, 0, plus)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name.to_vec())
+            .collect();
+        fs.releasedir(h);
+        assert!(names.iter().any(|n| n == b"good"), "plus {plus}: {names:?}");
+        assert!(
+            !names.iter().any(|n| n.contains(&b'/')),
+            "plus {plus}: a name with '/' was listed: {names:?}"
+        );
+    }
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
 /// A descriptor closed while a COMMIT is on the wire must not take the
 /// file's write state with it: when that COMMIT fails, the data is still
 /// pending, and the writer's next fsync commits it. (The state was once

@@ -39,6 +39,19 @@ use writeback::WriteBack;
 
 const NAME_MAX: usize = 255;
 
+/// Whether a name a server listed can be handed to the kernel: FUSE fails
+/// the whole READDIR reply (EIO) over one empty name, one with '/' or NUL
+/// in it, or one longer than NAME_MAX, so such an entry is left out (and
+/// logged) and the rest of the directory still lists.
+fn listable_name(name: &[u8]) -> bool {
+    let ok =
+        !name.is_empty() && name.len() <= NAME_MAX && !name.contains(&b'/') && !name.contains(&0);
+    if !ok {
+        tracing::warn!(name = %String::from_utf8_lossy(name), "server listed a name no local file can have; skipped");
+    }
+    ok
+}
+
 /// Who is asking: FUSE's request header.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
@@ -1655,7 +1668,9 @@ impl NfsFs {
                 }
                 return Ok(rest);
             }
-            Some((_, true)) => return Ok(Vec::new()),
+            // The rest of a last page is fetched again when it cannot be
+            // used as it is, or the listing would end short.
+            Some((rest, true)) if rest.is_empty() => return Ok(Vec::new()),
             _ => {}
         }
         let dir = self.fh(ino)?;
@@ -1678,6 +1693,7 @@ impl NfsFs {
             let items = page
                 .entries
                 .into_iter()
+                .filter(|e| listable_name(&e.name))
                 .map(|e| {
                     let entry = match (&e.fh, &e.attr) {
                         (Some(fh), Some(a))
@@ -1704,6 +1720,7 @@ impl NfsFs {
             let items = page
                 .entries
                 .into_iter()
+                .filter(|e| listable_name(&e.name))
                 .map(|e| DirItem {
                     ino: self.inodes.ino_of(e.fileid),
                     name: e.name,
