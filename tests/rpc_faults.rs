@@ -150,26 +150,41 @@ async fn reply_claiming_a_4gib_opaque_is_refused_without_allocating_it() {
     assert!(largest < 8 << 20, "largest allocation was {largest} bytes");
 }
 
+/// A reply whose record mark claims 2 GiB: the client drops the connection
+/// rather than buffer it, and fails that call with an error naming the
+/// problem, even on a hard mount (the same call would get the same reply
+/// after every reconnect, for ever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_record_header_resets_the_connection_not_the_process() {
-    // The reply's record mark claims 2 GiB; the client must drop the
-    // connection rather than buffer it, and a soft call then times out.
+async fn oversized_reply_fails_its_call_and_resets_the_connection() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
             tokio::spawn(async move {
-                while read_call(&mut sock).await.is_some() {
+                while let Some(xid) = read_call(&mut sock).await {
                     let _ = sock.write_all(&0xFFFF_FFF0u32.to_be_bytes()).await;
+                    let _ = sock.write_all(&xid.to_be_bytes()).await;
                     let _ = sock.write_all(&[0u8; 64]).await;
                 }
             });
         }
     });
-    let rpc = RpcClient::new(addr, soft(500, 2));
+    let rpc = RpcClient::new(
+        addr,
+        RpcConfig {
+            hard: true,
+            resvport: false,
+            ..Default::default()
+        },
+    );
     LARGEST.store(0, Ordering::Relaxed);
-    let err = NfsClient::new(rpc.clone()).null(&cred()).await.unwrap_err();
-    assert!(matches!(err, RpcError::TimedOut { .. }), "{err}");
+    let (nfs, who) = (NfsClient::new(rpc.clone()), cred());
+    let err = tokio::time::timeout(Duration::from_secs(10), nfs.null(&who))
+        .await
+        .expect("a hard call kept resending into the same oversized reply")
+        .unwrap_err();
+    assert!(matches!(err, RpcError::RecordTooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("exceeds the limit"), "{err}");
     assert!(rpc.stats().connects >= 1);
     assert!(LARGEST.load(Ordering::Relaxed) < 8 << 20);
 }

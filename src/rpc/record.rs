@@ -34,6 +34,17 @@ impl RecordDecoder {
         }
     }
 
+    /// The XID of the record being decoded (its first word), once `buf` or
+    /// the fragments before hold it.
+    pub fn record_xid(&self, buf: &[u8]) -> Option<u32> {
+        let word = if self.partial.len() >= 4 {
+            &self.partial[..4]
+        } else {
+            buf.get(4..8)?
+        };
+        Some(u32::from_be_bytes([word[0], word[1], word[2], word[3]]))
+    }
+
     /// Takes the next complete record out of `buf`, if there is one.
     ///
     /// Consumed fragments are removed from `buf`. When a record fits in one
@@ -48,6 +59,11 @@ impl RecordDecoder {
             let last = header & LAST_FRAGMENT != 0;
             let total = self.partial.len().saturating_add(len);
             if total > self.max_record {
+                if self.record_xid(buf).is_none() {
+                    // Refused once its XID is in: the reader fails that one
+                    // call rather than sending it again for ever.
+                    return Ok(None);
+                }
                 return Err(RpcError::RecordTooLarge {
                     len: total,
                     max: self.max_record,
@@ -157,10 +173,15 @@ mod tests {
     #[test]
     fn oversized_record_is_refused_before_buffering() {
         let mut dec = RecordDecoder::new(1024);
-        // A header that claims a 2 GiB fragment must fail at once.
+        // A header that claims a 2 GiB fragment fails as soon as the XID
+        // after it is in (so that call can be failed), without buffering.
         let mut buf = BytesMut::from(&0xFFFF_FFFFu32.to_be_bytes()[..]);
+        assert!(dec.decode(&mut buf).unwrap().is_none());
+        assert!(buf.capacity() < 1 << 20, "no large reservation");
+        buf.put_u32(0x1234_5678);
         let err = dec.decode(&mut buf).unwrap_err();
         assert!(matches!(err, RpcError::RecordTooLarge { .. }), "{err}");
+        assert_eq!(dec.record_xid(&buf), Some(0x1234_5678));
         assert!(buf.capacity() < 1 << 20, "no large reservation");
         // Many small fragments that add up past the cap fail too.
         let mut dec = RecordDecoder::new(16);

@@ -812,6 +812,21 @@ async fn read_replies(mut rd: OwnedReadHalf, shared: Arc<ConnShared>, max_record
             match decoder.decode(&mut buf) {
                 Ok(Some(record)) => route_reply(&shared, record),
                 Ok(None) => break,
+                Err(RpcError::RecordTooLarge { len, max }) => {
+                    // The same call would get the same reply after the
+                    // reconnect: it fails now, the others are sent again.
+                    if let Some(xid) = decoder.record_xid(&buf) {
+                        let waiter = shared
+                            .pending
+                            .lock()
+                            .remove(&xid)
+                            .and_then(|mut p| p.reply.take());
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(Err(RpcError::RecordTooLarge { len, max }));
+                        }
+                    }
+                    return RpcError::RecordTooLarge { len, max }.to_string();
+                }
                 Err(e) => return e.to_string(),
             }
         }
