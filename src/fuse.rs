@@ -730,8 +730,11 @@ impl Filesystem for FuseAdapter {
         let (fs, c, name) = (self.fs.clone(), caller(req), name.as_bytes().to_vec());
         self.answer(async move {
             match fs.create(&c, parent.0, &name, mode & !umask, flags).await {
+                // One TTL for both here (fuser's CREATE reply has no
+                // second): the shorter, so the new file's attributes are not
+                // kept past the attribute cache's lifetime.
                 Ok((e, o)) => reply.created(
-                    &e.entry_ttl,
+                    &e.entry_ttl.min(e.attr_ttl),
                     &file_attr(e.ino, &e.attr),
                     Generation(e.generation),
                     FileHandle(o.fh),
