@@ -669,6 +669,44 @@ async fn a_listed_name_with_a_slash_is_left_out() {
     std::fs::remove_dir_all(on_disk).unwrap();
 }
 
+/// Unlinking the names of an open file: a name with another link beside it
+/// is simply removed (the file lives on through the other), the last one is
+/// renamed to a `.nfs` name until the last close, and that close removes
+/// it, so nothing is left behind. (Each name was once renamed, and only the
+/// last `.nfs` name was removed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlinking_every_link_of_an_open_file_leaves_nothing_behind() {
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("sillylinks");
+    let (fs, top) = ganesha_fs(&g, &rel, |_| Fault::Pass).await;
+    let who = Caller::root();
+    let (e, h) = fs
+        .create(&who, top, b"a", 0o644, libc::O_RDWR)
+        .await
+        .unwrap();
+    fs.write(&who, e.ino, h.fh, 0, b"still here".to_vec())
+        .await
+        .unwrap();
+    fs.flush(e.ino, h.fh).await.unwrap();
+    fs.link(&who, e.ino, top, b"b").await.unwrap();
+    fs.unlink(&who, top, b"b").await.unwrap();
+    fs.unlink(&who, top, b"a").await.unwrap();
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&on_disk)
+            .unwrap()
+            .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let left = names();
+    assert_eq!(left.len(), 1, "one hidden name while open: {left:?}");
+    assert!(left[0].starts_with(".nfs"), "{left:?}");
+    let got = fs.read(&who, e.ino, h.fh, 0, 64).await.unwrap();
+    assert_eq!(&got[..], b"still here");
+    fs.release(&who, e.ino, h.fh).await.unwrap();
+    assert!(names().is_empty(), "left behind: {:?}", names());
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
 /// A descriptor closed while a COMMIT is on the wire must not take the
 /// file's write state with it: when that COMMIT fails, the data is still
 /// pending, and the writer's next fsync commits it. (The state was once

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::nfs::{Fattr, FileHandle, FileType, WccAttr};
+use crate::rpc::Credential;
 
 pub const ROOT_INO: u64 = 1;
 
@@ -28,8 +29,10 @@ pub struct Inode {
     /// was replaced on the server), so the kernel drops stale dentries.
     pub generation: u64,
     pub open_count: u32,
-    /// Set when the file was unlinked while open and renamed to a `.nfs` name.
-    pub silly: Option<(u64, Bytes)>,
+    /// Set when the file was unlinked while open and renamed to a `.nfs`
+    /// name: the directory, that name, and the unlinker's identity, which
+    /// the last close's REMOVE uses (RELEASE comes without the caller's).
+    pub silly: Option<(u64, Bytes, Credential)>,
     /// The (size, mtime, ctime) the cached file data belongs to.
     pub data_key: Option<WccAttr>,
     /// Generation of this file's blocks in the page cache; bumping it drops

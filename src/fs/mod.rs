@@ -1049,7 +1049,11 @@ impl NfsFs {
             .inodes
             .get(ino)
             .is_some_and(|i| i.open_count > 0 && i.fh == found.fh);
-        if !open || attr.ftype == FileType::Directory {
+        // Another link keeps the file (and the open descriptor's handle)
+        // alive: removing this name is enough, as the kernel client, which
+        // silly-renames only a name whose own dentry is in use, would do.
+        // Renaming every link would leave all but the last `.nfs` name behind.
+        if !open || attr.ftype == FileType::Directory || attr.nlink > 1 {
             return Ok(false);
         }
         let n = self.silly_counter.fetch_add(1, Ordering::Relaxed);
@@ -1064,7 +1068,8 @@ impl NfsFs {
             &ok.to_wcc,
             &[DirChange::Removed(name), DirChange::Added(&silly)],
         );
-        self.inodes.with(ino, |i| i.silly = Some((parent, silly)));
+        self.inodes
+            .with(ino, |i| i.silly = Some((parent, silly, cred.clone())));
         self.expire_dentry(parent, name);
         self.inodes.invalidate_attr(ino);
         Ok(true)
@@ -1574,7 +1579,9 @@ impl NfsFs {
     /// The last close of a descriptor. The kernel throws RELEASE's answer
     /// away, so it sends what FLUSH left (a writable mmap's pages) and takes
     /// no saved error: one FLUSH did not report stays for the next opener.
-    pub async fn release(&self, c: &Caller, ino: u64, handle: u64) -> Result<(), FsError> {
+    /// The kernel sends RELEASE without the closer's identity (`_c` is
+    /// root's), so nothing here is sent as the caller.
+    pub async fn release(&self, _c: &Caller, ino: u64, handle: u64) -> Result<(), FsError> {
         let result = if self.may_have_written(handle) {
             self.writeback.flush(ino).await
         } else {
@@ -1595,10 +1602,10 @@ impl NfsFs {
                 }
             })
             .flatten();
-        if let Some((parent, name)) = silly
+        if let Some((parent, name, cred)) = silly
             && let Ok(dir) = self.fh(parent)
         {
-            match self.nfs.remove(&self.cred(c), &dir, &name).await {
+            match self.nfs.remove(&cred, &dir, &name).await {
                 Ok(ok) => self.update_dir(parent, &ok.dir_wcc, &[DirChange::Removed(&name)]),
                 Err(e) => {
                     self.unsure_of(&[parent]);
