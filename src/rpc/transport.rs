@@ -759,7 +759,7 @@ impl Drop for ClearWriterSlot<'_> {
     fn drop(&mut self) {
         // A direct writer holds the lock only for one non-blocking write.
         if let Ok(mut slot) = self.0.writer.try_lock() {
-            discard_writer(&mut *slot);
+            discard_writer(&mut slot);
         }
     }
 }
