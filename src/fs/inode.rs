@@ -83,7 +83,9 @@ impl AttrTimeouts {
 }
 
 pub struct InodeTable {
-    root_fileid: u64,
+    /// The export root's fileid, which trades inode numbers with ROOT_INO;
+    /// a new one when the root is replaced (the export was recreated).
+    root_fileid: std::sync::atomic::AtomicU64,
     map: Mutex<HashMap<u64, Inode>>,
     timeouts: AttrTimeouts,
     clock: std::sync::atomic::AtomicU64,
@@ -92,7 +94,7 @@ pub struct InodeTable {
 impl InodeTable {
     pub fn new(root_fh: FileHandle, root_attr: Fattr, timeouts: AttrTimeouts) -> Self {
         let t = Self {
-            root_fileid: root_attr.fileid,
+            root_fileid: std::sync::atomic::AtomicU64::new(root_attr.fileid),
             map: Mutex::new(HashMap::new()),
             timeouts,
             clock: std::sync::atomic::AtomicU64::new(1),
@@ -145,10 +147,11 @@ impl InodeTable {
     }
 
     pub fn ino_of(&self, fileid: u64) -> u64 {
-        if fileid == self.root_fileid {
+        let root_fileid = self.root_fileid.load(std::sync::atomic::Ordering::Relaxed);
+        if fileid == root_fileid {
             ROOT_INO
         } else if fileid == ROOT_INO {
-            self.root_fileid
+            root_fileid
         } else {
             fileid
         }
@@ -244,7 +247,12 @@ impl InodeTable {
     /// Installs a new handle for the export root (after the export was
     /// re-created on the server), keeping inode number 1.
     pub fn replace_root(&self, fh: &FileHandle, attr: &Fattr) {
-        if let Some(i) = self.map.lock().get_mut(&ROOT_INO) {
+        let mut map = self.map.lock();
+        // The new root's fileid is ROOT_INO from now on, so a listing of the
+        // new root does not hand its "." to the kernel as another inode.
+        self.root_fileid
+            .store(attr.fileid, std::sync::atomic::Ordering::Relaxed);
+        if let Some(i) = map.get_mut(&ROOT_INO) {
             i.fh = fh.clone();
             i.attr = *attr;
             i.generation += 1;
