@@ -597,7 +597,6 @@ impl Filesystem for FuseAdapter {
             match fs.readdir(&c, fh.0, offset, true).await {
                 Ok(items) => {
                     let mut accepted = Vec::new();
-                    let mut rejected = Vec::new();
                     let mut full = false;
                     for i in items {
                         let (attr, ttl, generation) = match &i.entry {
@@ -625,16 +624,13 @@ impl Filesystem for FuseAdapter {
                             )
                         {
                             full = true;
-                            if i.entry.is_some() {
-                                rejected.push(i.ino);
-                            }
                             continue;
                         }
                         if i.entry.is_some() {
                             accepted.push(i.ino);
                         }
                     }
-                    fs.readdirplus_done(&accepted, &rejected);
+                    fs.readdirplus_done(&accepted);
                     reply.ok();
                 }
                 Err(e) => reply.error(errno(e)),

@@ -39,17 +39,40 @@ use writeback::WriteBack;
 
 const NAME_MAX: usize = 255;
 
+/// Longest name FUSE passes in a directory listing (FUSE_NAME_MAX).
+const FUSE_NAME_MAX: usize = 1024;
+
 /// Whether a name a server listed can be handed to the kernel: FUSE fails
-/// the whole READDIR reply (EIO) over one empty name, one with '/' or NUL
-/// in it, or one longer than NAME_MAX, so such an entry is left out (and
-/// logged) and the rest of the directory still lists.
+/// the whole READDIR reply (EIO) over one empty name, one with '/' in it,
+/// or one longer than FUSE_NAME_MAX, and no local file can have a NUL in
+/// its name, so such an entry is left out and the rest still lists.
 fn listable_name(name: &[u8]) -> bool {
-    let ok =
-        !name.is_empty() && name.len() <= NAME_MAX && !name.contains(&b'/') && !name.contains(&0);
-    if !ok {
-        tracing::warn!(name = %String::from_utf8_lossy(name), "server listed a name no local file can have; skipped");
+    !name.is_empty() && name.len() <= FUSE_NAME_MAX && !name.contains(&b'/') && !name.contains(&0)
+}
+
+/// Leaves out the entries [`listable_name`] refuses, saying so once a page.
+fn listable<T>(ino: u64, entries: Vec<T>, name: impl Fn(&T) -> &[u8]) -> Vec<T> {
+    let before = entries.len();
+    let mut first_bad = None;
+    let kept: Vec<T> = entries
+        .into_iter()
+        .filter(|e| {
+            let ok = listable_name(name(e));
+            if !ok && first_bad.is_none() {
+                first_bad = Some(String::from_utf8_lossy(name(e)).into_owned());
+            }
+            ok
+        })
+        .collect();
+    if let Some(first) = first_bad {
+        tracing::warn!(
+            dir = ino,
+            skipped = before - kept.len(),
+            first = %first,
+            "server listed names no local file can have; left out"
+        );
     }
-    ok
+    kept
 }
 
 /// Who is asking: FUSE's request header.
@@ -1636,7 +1659,105 @@ impl NfsFs {
     }
 
     pub fn releasedir(&self, handle: u64) {
-        self.dirs.lock().remove(&handle);
+        let closed = self.dirs.lock().remove(&handle);
+        if let Some(s) = closed {
+            self.drop_unclaimed(&s.page);
+        }
+    }
+
+    /// One READDIR(PLUS) page from `cookie`: its usable items, the new
+    /// cookie verifier, eof, and the last cookie the server sent (to go on
+    /// from when every name had to be left out).
+    async fn fetch_dir_page(
+        &self,
+        cred: &Credential,
+        ino: u64,
+        dir: &FileHandle,
+        cookie: u64,
+        verf: CookieVerf,
+        plus: bool,
+    ) -> Result<(Vec<DirItem>, CookieVerf, bool, Option<u64>), FsError> {
+        let dtpref = self.session.fsinfo.dtpref.clamp(4096, 64 << 10);
+        let listed = |names: &mut dyn Iterator<Item = &[u8]>| {
+            // Every name the server sent, usable or not: one we did not know
+            // ends trust in a directory we thought complete.
+            let mut known = self.known_dirs.lock();
+            for name in names {
+                known.listed(ino, name);
+            }
+        };
+        if plus || self.cfg.rdirplus {
+            let sent = Observed::Since(self.inodes.stamp());
+            let page = self
+                .nfs
+                .readdirplus(cred, dir, cookie, verf, dtpref, dtpref * 4)
+                .await?;
+            if let Some(a) = page.dir_attr {
+                self.inodes.update_attr(ino, &a, sent);
+            }
+            listed(&mut page.entries.iter().map(|e| e.name.as_ref()));
+            let last = page.entries.last().map(|e| e.cookie);
+            let items = listable(ino, page.entries, |e| &e.name)
+                .into_iter()
+                .map(|e| {
+                    let entry = match (&e.fh, &e.attr) {
+                        (Some(fh), Some(a))
+                            if e.name.as_ref() != b"." && e.name.as_ref() != b".." =>
+                        {
+                            let entry = self.entry_for(fh, a, 0, sent);
+                            self.note_dentry(ino, &e.name, entry.ino);
+                            Some(entry)
+                        }
+                        _ => None,
+                    };
+                    DirItem {
+                        ino: self.inodes.ino_of(e.fileid),
+                        kind: e.attr.map_or(FileType::Regular, |a| a.ftype),
+                        name: e.name,
+                        offset: e.cookie,
+                        entry,
+                    }
+                })
+                .collect();
+            Ok((items, page.cookieverf, page.eof, last))
+        } else {
+            let page = self.nfs.readdir(cred, dir, cookie, verf, dtpref).await?;
+            listed(&mut page.entries.iter().map(|e| e.name.as_ref()));
+            let last = page.entries.last().map(|e| e.cookie);
+            let items = listable(ino, page.entries, |e| &e.name)
+                .into_iter()
+                .map(|e| DirItem {
+                    ino: self.inodes.ino_of(e.fileid),
+                    name: e.name,
+                    kind: FileType::Regular,
+                    offset: e.cookie,
+                    entry: None,
+                })
+                .collect();
+            Ok((items, page.cookieverf, page.eof, last))
+        }
+    }
+
+    /// Drops the table entries a READDIRPLUS page made that the kernel never
+    /// took (no lookup count) and nothing holds open, unless a page still
+    /// cached for an open directory lists them. They stay while a page may
+    /// yet hand them over: a kernel buffer takes a few dozen of a page's
+    /// hundreds, and the rest go out from the cached page, by inode number,
+    /// in the next calls.
+    fn drop_unclaimed(&self, page: &[DirItem]) {
+        // Held throughout, so no page can be stored meanwhile and list an
+        // entry dropped here.
+        let dirs = self.dirs.lock();
+        let listed: std::collections::HashSet<u64> = dirs
+            .values()
+            .flat_map(|d| d.page.iter())
+            .filter_map(|i| i.entry.as_ref().map(|e| e.ino))
+            .collect();
+        for e in page.iter().filter_map(|i| i.entry.as_ref()) {
+            if !listed.contains(&e.ino) {
+                self.inodes.forget(e.ino, 0);
+            }
+        }
     }
 
     /// Entries after `offset` (0: the start). With `plus`, each item carries
@@ -1663,8 +1784,16 @@ impl NfsFs {
             (s.ino, s.verf, cached)
         };
         match cached {
+            // Under READDIRPLUS each entry must still be in the table: the
+            // kernel gets them by inode number.
             Some((rest, _))
-                if !rest.is_empty() && (!plus || rest.iter().all(|i| i.entry.is_some())) =>
+                if !rest.is_empty()
+                    && (!plus
+                        || rest.iter().all(|i| {
+                            i.entry
+                                .as_ref()
+                                .is_some_and(|e| self.inodes.with(e.ino, |_| ()).is_some())
+                        })) =>
             {
                 // The page was fetched earlier: give the kernel today's attributes.
                 let mut rest = rest;
@@ -1687,79 +1816,35 @@ impl NfsFs {
         } else {
             verf
         };
-        let dtpref = self.session.fsinfo.dtpref.clamp(4096, 64 << 10);
-        let (items, new_verf, eof) = if plus || self.cfg.rdirplus {
-            let sent = Observed::Since(self.inodes.stamp());
-            let page = self
-                .nfs
-                .readdirplus(&cred, &dir, offset, verf, dtpref, dtpref * 4)
+        // A page whose every name had to be left out is not the end of the
+        // directory: an empty reply would tell the kernel it is.
+        let (mut cookie, mut verf) = (offset, verf);
+        let (items, new_verf, eof) = loop {
+            let (items, new_verf, eof, last) = self
+                .fetch_dir_page(&cred, ino, &dir, cookie, verf, plus)
                 .await?;
-            if let Some(a) = page.dir_attr {
-                self.inodes.update_attr(ino, &a, sent);
+            match last {
+                Some(last) if items.is_empty() && !eof => (cookie, verf) = (last, new_verf),
+                _ => break (items, new_verf, eof),
             }
-            let items = page
-                .entries
-                .into_iter()
-                .filter(|e| listable_name(&e.name))
-                .map(|e| {
-                    let entry = match (&e.fh, &e.attr) {
-                        (Some(fh), Some(a))
-                            if e.name.as_ref() != b"." && e.name.as_ref() != b".." =>
-                        {
-                            let entry = self.entry_for(fh, a, 0, sent);
-                            self.note_dentry(ino, &e.name, entry.ino);
-                            Some(entry)
-                        }
-                        _ => None,
-                    };
-                    DirItem {
-                        ino: self.inodes.ino_of(e.fileid),
-                        kind: e.attr.map_or(FileType::Regular, |a| a.ftype),
-                        name: e.name,
-                        offset: e.cookie,
-                        entry,
-                    }
-                })
-                .collect::<Vec<_>>();
-            (items, page.cookieverf, page.eof)
-        } else {
-            let page = self.nfs.readdir(&cred, &dir, offset, verf, dtpref).await?;
-            let items = page
-                .entries
-                .into_iter()
-                .filter(|e| listable_name(&e.name))
-                .map(|e| DirItem {
-                    ino: self.inodes.ino_of(e.fileid),
-                    name: e.name,
-                    kind: FileType::Regular,
-                    offset: e.cookie,
-                    entry: None,
-                })
-                .collect();
-            (items, page.cookieverf, page.eof)
         };
-        {
-            let mut known = self.known_dirs.lock();
-            for item in &items {
-                known.listed(ino, &item.name);
-            }
-        }
-        if let Some(s) = self.dirs.lock().get_mut(&handle) {
+        let replaced = self.dirs.lock().get_mut(&handle).map(|s| {
             s.verf = new_verf;
-            s.page = items.clone();
             s.eof = eof;
+            std::mem::replace(&mut s.page, items.clone())
+        });
+        if let Some(old) = replaced {
+            self.drop_unclaimed(&old);
         }
         Ok(items)
     }
 
-    /// Counts a kernel reference for each entry READDIRPLUS handed over, and
-    /// drops table entries for the ones that did not fit.
-    pub fn readdirplus_done(&self, accepted: &[u64], rejected: &[u64]) {
+    /// Counts a kernel reference for each entry READDIRPLUS handed over.
+    /// Those that did not fit stay in the table for the next call, which
+    /// serves them from the cached page (see [`Self::drop_unclaimed`]).
+    pub fn readdirplus_done(&self, accepted: &[u64]) {
         for &ino in accepted {
             self.inodes.with(ino, |i| i.nlookup += 1);
-        }
-        for &ino in rejected {
-            self.inodes.forget(ino, 0);
         }
     }
 

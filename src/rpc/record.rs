@@ -37,12 +37,15 @@ impl RecordDecoder {
     /// The XID of the record being decoded (its first word), once `buf` or
     /// the fragments before hold it.
     pub fn record_xid(&self, buf: &[u8]) -> Option<u32> {
-        let word = if self.partial.len() >= 4 {
-            &self.partial[..4]
-        } else {
-            buf.get(4..8)?
-        };
-        Some(u32::from_be_bytes([word[0], word[1], word[2], word[3]]))
+        // Earlier fragments may hold fewer than four bytes of it; the rest
+        // starts after the current fragment's header.
+        let mut word = [0u8; 4];
+        let have = self.partial.len().min(4);
+        word[..have].copy_from_slice(&self.partial[..have]);
+        if have < 4 {
+            word[have..].copy_from_slice(buf.get(4..8 - have)?);
+        }
+        Some(u32::from_be_bytes(word))
     }
 
     /// Takes the next complete record out of `buf`, if there is one.
@@ -196,5 +199,15 @@ mod tests {
             Err(e) => e,
         };
         assert!(matches!(err, RpcError::RecordTooLarge { len: 20, max: 16 }));
+        // An XID split across fragments is put together for the report.
+        let mut dec = RecordDecoder::new(16);
+        let mut wire = BytesMut::new();
+        wire.put_u32(2);
+        wire.put_slice(&[0xAB, 0xCD]);
+        wire.put_u32(0x7FFF_FFF0);
+        assert!(dec.decode(&mut wire).unwrap().is_none());
+        wire.put_slice(&[0xEF, 0x01]);
+        assert!(dec.decode(&mut wire).is_err());
+        assert_eq!(dec.record_xid(&wire), Some(0xABCD_EF01));
     }
 }
