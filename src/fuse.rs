@@ -594,47 +594,58 @@ impl Filesystem for FuseAdapter {
     ) {
         let (fs, c) = (self.fs.clone(), caller(req));
         self.answer(async move {
-            match fs.readdir(&c, fh.0, offset, true).await {
-                Ok(items) => {
-                    let mut accepted = Vec::new();
-                    let mut full = false;
-                    for i in items {
-                        let (attr, ttl, generation) = match &i.entry {
-                            Some(e) => (
+            // An entry is counted as the kernel's before it goes into the
+            // reply, so no cleanup can drop it in between. One that is gone
+            // already (another listing's cleanup raced its page) ends this
+            // reply; an empty reply would mean "end of directory", so the
+            // page is fetched again instead.
+            for _ in 0..3 {
+                let items = match fs.readdir(&c, fh.0, offset, true).await {
+                    Ok(items) => items,
+                    Err(e) => return reply.error(errno(e)),
+                };
+                let mut added = 0;
+                let mut lost = false;
+                for i in items {
+                    let (attr, ttl, generation) = match &i.entry {
+                        Some(e) => {
+                            if !fs.claim_listed(e.ino) {
+                                lost = true;
+                                break;
+                            }
+                            (
                                 file_attr(e.ino, &e.attr),
                                 e.entry_ttl.min(e.attr_ttl),
                                 e.generation,
-                            ),
-                            // "." and ".." (and entries the server sent without
-                            // attributes) go with a zero TTL and no lookup count.
-                            None => {
-                                let mut a = file_attr(i.ino, &fs.session().root_attr);
-                                a.kind = kind(i.kind);
-                                (a, Duration::ZERO, 0)
-                            }
-                        };
-                        if full
-                            || reply.add(
-                                INodeNo(i.ino),
-                                i.offset,
-                                OsStr::from_bytes(&i.name),
-                                &ttl,
-                                &attr,
-                                Generation(generation),
                             )
-                        {
-                            full = true;
-                            continue;
                         }
-                        if i.entry.is_some() {
-                            accepted.push(i.ino);
+                        // "." and "..", which the kernel does not link.
+                        None => {
+                            let mut a = file_attr(i.ino, &fs.session().root_attr);
+                            a.kind = kind(i.kind);
+                            (a, Duration::ZERO, 0)
                         }
+                    };
+                    if reply.add(
+                        INodeNo(attr.ino.0),
+                        i.offset,
+                        OsStr::from_bytes(&i.name),
+                        &ttl,
+                        &attr,
+                        Generation(generation),
+                    ) {
+                        if let Some(e) = &i.entry {
+                            fs.unclaim_listed(e.ino);
+                        }
+                        break;
                     }
-                    fs.readdirplus_done(&accepted);
-                    reply.ok();
+                    added += 1;
                 }
-                Err(e) => reply.error(errno(e)),
+                if added > 0 || !lost {
+                    return reply.ok();
+                }
             }
+            reply.error(errno(FsError::STALE));
         });
     }
 

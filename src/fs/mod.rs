@@ -39,6 +39,14 @@ use writeback::WriteBack;
 
 const NAME_MAX: usize = 255;
 
+fn is_dot(name: &[u8]) -> bool {
+    name == b"." || name == b".."
+}
+
+/// Most items one readdir answer hands out: more than a kernel buffer (a
+/// page) holds even of one-letter names.
+const REPLY_ITEMS_MAX: usize = 256;
+
 /// Longest name FUSE passes in a directory listing (FUSE_NAME_MAX).
 const FUSE_NAME_MAX: usize = 1024;
 
@@ -1697,7 +1705,7 @@ impl NfsFs {
             }
             listed(&mut page.entries.iter().map(|e| e.name.as_ref()));
             let last = page.entries.last().map(|e| e.cookie);
-            let items = listable(ino, page.entries, |e| &e.name)
+            let mut items = listable(ino, page.entries, |e| &e.name)
                 .into_iter()
                 .map(|e| {
                     let entry = match (&e.fh, &e.attr) {
@@ -1718,7 +1726,29 @@ impl NfsFs {
                         entry,
                     }
                 })
-                .collect();
+                .collect::<Vec<_>>();
+            // An entry sent without its handle or attributes (knfsd's for a
+            // mount point below the export; ganesha's when fetching them
+            // failed) is looked up: the kernel links every entry of a
+            // READDIRPLUS answer by its inode number.
+            for item in items
+                .iter_mut()
+                .filter(|i| i.entry.is_none() && !is_dot(&i.name))
+            {
+                let Ok(found) = self.nfs.lookup(cred, dir, &item.name).await else {
+                    continue;
+                };
+                let attr = match found.attr {
+                    Some(a) => Some(a),
+                    None => self.nfs.getattr(cred, &found.fh).await.ok().map(|g| g.attr),
+                };
+                if let Some(a) = attr {
+                    let entry = self.entry_for(&found.fh, &a, 0, sent);
+                    self.note_dentry(ino, &item.name, entry.ino);
+                    item.kind = a.ftype;
+                    item.entry = Some(entry);
+                }
+            }
             Ok((items, page.cookieverf, page.eof, last))
         } else {
             let page = self.nfs.readdir(cred, dir, cookie, verf, dtpref).await?;
@@ -1762,7 +1792,7 @@ impl NfsFs {
 
     /// Entries after `offset` (0: the start). With `plus`, each item carries
     /// attributes; the caller must report which it handed to the kernel with
-    /// [`NfsFs::readdirplus_done`] so lookup counts stay right.
+    /// [`NfsFs::claim_listed`] so lookup counts stay right.
     async fn readdir_once(
         &self,
         c: &Caller,
@@ -1779,7 +1809,12 @@ impl NfsFs {
                 s.page
                     .iter()
                     .position(|i| i.offset == offset)
-                    .map(|p| (s.page[p + 1..].to_vec(), s.eof))
+                    // No kernel buffer takes more (the next call goes on
+                    // from the last one it took).
+                    .map(|p| {
+                        let rest = &s.page[p + 1..];
+                        (rest[..rest.len().min(REPLY_ITEMS_MAX)].to_vec(), s.eof)
+                    })
             };
             (s.ino, s.verf, cached)
         };
@@ -1789,10 +1824,9 @@ impl NfsFs {
             Some((rest, _))
                 if !rest.is_empty()
                     && (!plus
-                        || rest.iter().all(|i| {
-                            i.entry
-                                .as_ref()
-                                .is_some_and(|e| self.inodes.with(e.ino, |_| ()).is_some())
+                        || rest.iter().all(|i| match &i.entry {
+                            Some(e) => self.inodes.with(e.ino, |_| ()).is_some(),
+                            None => is_dot(&i.name),
                         })) =>
             {
                 // The page was fetched earlier: give the kernel today's attributes.
@@ -1819,12 +1853,21 @@ impl NfsFs {
         // A page whose every name had to be left out is not the end of the
         // directory: an empty reply would tell the kernel it is.
         let (mut cookie, mut verf) = (offset, verf);
+        let mut skipped_pages = 0;
         let (items, new_verf, eof) = loop {
             let (items, new_verf, eof, last) = self
                 .fetch_dir_page(&cred, ino, &dir, cookie, verf, plus)
                 .await?;
             match last {
-                Some(last) if items.is_empty() && !eof => (cookie, verf) = (last, new_verf),
+                Some(last) if items.is_empty() && !eof => {
+                    // A server that never moves on must not keep us here.
+                    skipped_pages += 1;
+                    if last == cookie || skipped_pages > 1000 {
+                        tracing::warn!(dir = ino, cookie, "server's listing does not advance");
+                        return Err(FsError::IO);
+                    }
+                    (cookie, verf) = (last, new_verf);
+                }
                 _ => break (items, new_verf, eof),
             }
         };
@@ -1839,13 +1882,19 @@ impl NfsFs {
         Ok(items)
     }
 
-    /// Counts a kernel reference for each entry READDIRPLUS handed over.
-    /// Those that did not fit stay in the table for the next call, which
-    /// serves them from the cached page (see [`Self::drop_unclaimed`]).
-    pub fn readdirplus_done(&self, accepted: &[u64]) {
-        for &ino in accepted {
-            self.inodes.with(ino, |i| i.nlookup += 1);
-        }
+    /// Counts a kernel reference for an entry READDIRPLUS is about to hand
+    /// over; false if the entry is no longer in the table (see
+    /// [`Self::drop_unclaimed`]), and then it must not be handed over.
+    pub fn claim_listed(&self, ino: u64) -> bool {
+        self.inodes.with(ino, |i| i.nlookup += 1).is_some()
+    }
+
+    /// Takes back [`Self::claim_listed`] for an entry that did not fit. It
+    /// stays in the table for the next call, which serves it from the
+    /// cached page.
+    pub fn unclaim_listed(&self, ino: u64) {
+        self.inodes
+            .with(ino, |i| i.nlookup = i.nlookup.saturating_sub(1));
     }
 
     async fn statfs_once(&self, c: &Caller) -> Result<StatFs, FsError> {
