@@ -440,3 +440,72 @@ async fn graceful_restart_can_keep_mounts_serving() {
     }
     delete(&p, &vol.volume_id).await.unwrap();
 }
+
+/// A mount process that dies while its server is down: the supervisor
+/// leaves the dead mount in place (every access fails with ENOTCONN)
+/// instead of detaching it and leaving a bare directory that a new task
+/// would bind and write to on the node's own disk; once the server is back
+/// it restores the mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_that_dies_during_an_outage_is_not_replaced_by_a_bare_directory() {
+    let Some(g) = NamedGanesha::start("csioutage", &[]) else {
+        return;
+    };
+    let p = Plugin::start(&[]).await;
+    let opts = format!("{},soft,timeo=10,retrans=1", g.mount_opts());
+    let vol = create(
+        &p,
+        "outage",
+        kv(&[
+            ("server", "127.0.0.1"),
+            ("share", &g.export_path),
+            ("subDir", "vol"),
+            ("mountOptions", &opts),
+        ]),
+    )
+    .await
+    .unwrap();
+    let t = p.target("outage");
+    publish(&p, &vol, &t, false).await.unwrap();
+    write_read(&t, "before", b"before the outage").await;
+
+    g.kill();
+    let pid = one_mount_pid(&t);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    // Several restart attempts' worth (200 ms, then doubling).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        is_mounted(&t),
+        "the dead mount was detached; log:\n{}",
+        p.log_text()
+    );
+    let target = t.clone();
+    let written = within(Duration::from_secs(20), move || {
+        std::fs::write(target.join("during"), b"lost?")
+    })
+    .await;
+    assert!(
+        written.is_err(),
+        "a write during the outage succeeded on the node's disk"
+    );
+
+    g.restart();
+    let restored = eventually(Duration::from_secs(60), || {
+        let pids = mount_pids(&t);
+        pids.len() == 1 && pids[0] != pid && is_mounted(&t)
+    })
+    .await;
+    assert!(restored, "not restored; log:\n{}", p.log_text());
+    write_read(&t, "after", b"after the outage").await;
+    assert_eq!(
+        std::fs::read(g.export_dir.join("vol/before")).unwrap(),
+        b"before the outage"
+    );
+    unpublish(&p, &vol.volume_id, &t).await.unwrap();
+    delete(&p, &vol.volume_id).await.unwrap();
+    assert!(
+        p.log_text().contains("dead mount stays"),
+        "{}",
+        p.log_text()
+    );
+}

@@ -813,6 +813,21 @@ impl Supervisor {
             if !still_dead {
                 continue;
             }
+            // The dead mount stays until the server answers: while it is
+            // there, every access fails with ENOTCONN, where a detached
+            // target would be a bare directory that a new task binds and
+            // writes to on this node's disk.
+            if let Err(why) = server_answers(&spec).await {
+                warn!(target = %target.display(), error = %why, "server still unreachable; the dead mount stays until it answers");
+                if let Some(e) = self.entries.lock().get_mut(&target) {
+                    e.state = State::Dead {
+                        reason: why,
+                        retry_at: Instant::now() + restart_delay(failures),
+                    };
+                    e.failures = failures + 1;
+                }
+                continue;
+            }
             if let Err(e) = detach(&target) {
                 warn!(target = %target.display(), error = %e.message(), "could not detach the dead mount");
             }
@@ -835,6 +850,31 @@ impl Supervisor {
 }
 
 /// Reads the child's readiness line (or EOF) within `limit`.
+/// Whether `spec`'s server answers now (MOUNT of the export, FSINFO), with
+/// the short deadlines of the controller's calls.
+async fn server_answers(spec: &MountSpec) -> Result<(), String> {
+    use crate::options::{MountOptions, NfsSource};
+    use crate::rpc::{AuthSys, Credential};
+    let source = NfsSource::parse(&spec.source).map_err(|e| e.to_string())?;
+    let opts = MountOptions::parse(&spec.options).map_err(|e| e.to_string())?;
+    let mut cfg = opts.connect_config();
+    cfg.port = source.port.or(cfg.port);
+    cfg.rpc.hard = false;
+    cfg.rpc.timeo = Duration::from_secs(3);
+    cfg.rpc.retrans = 1;
+    cfg.rpc.nconnect = 1;
+    cfg.rpc.fail_fast_connect = true;
+    cfg.rpc.connect_timeout = Duration::from_secs(3);
+    cfg.handshake_timeout = Duration::from_secs(5);
+    let me = AuthSys::current_process();
+    let cred = Credential::Sys(AuthSys::new(0, 0, vec![], me.machine_name));
+    let sess = crate::nfs::session::connect(&source.host, &source.path, &cfg, &cred)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tokio::time::timeout(Duration::from_secs(3), sess.unmount(&cred)).await;
+    Ok(())
+}
+
 async fn read_ready(rd: OwnedFd, limit: Duration) -> io::Result<String> {
     let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(rd)?;
     let mut buf = Vec::new();
