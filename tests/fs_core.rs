@@ -510,6 +510,26 @@ async fn ganesha_fs(
     (fs, top)
 }
 
+/// Closes `fh` (flush, then release), checks that the server's file `f`
+/// holds `data`, and removes the test directory.
+async fn close_and_check(fs: &NfsFs, ino: u64, fh: u64, on_disk: &std::path::Path, data: &[u8]) {
+    fs.flush(ino, fh).await.unwrap();
+    fs.release(&Caller::root(), ino, fh).await.unwrap();
+    assert_eq!(std::fs::read(on_disk.join("f")).unwrap(), data);
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
+/// Writes `data` from offset 0 in 128 KiB pieces, as the kernel sends a
+/// large write(2), as root.
+async fn write_pieces(fs: &NfsFs, ino: u64, fh: u64, data: &[u8]) {
+    const PIECE: usize = 128 << 10;
+    for (i, piece) in data.chunks(PIECE).enumerate() {
+        fs.write(&Caller::root(), ino, fh, (i * PIECE) as u64, piece.to_vec())
+            .await
+            .unwrap();
+    }
+}
+
 /// A COMMIT the server fails keeps the data: fsync reports the failure
 /// (EIO), and the next fsync commits the same data again instead of
 /// treating it as done. Against ganesha through a proxy that fails COMMITs
@@ -544,13 +564,7 @@ async fn a_failed_commit_keeps_the_data_for_the_next_fsync() {
         .await
         .unwrap();
     let data = content(3 << 20);
-    const PIECE: usize = 128 << 10;
-    for (i, piece) in data.chunks(PIECE).enumerate() {
-        let at = (i * PIECE) as u64;
-        fs.write(&who, e.ino, h.fh, at, piece.to_vec())
-            .await
-            .unwrap();
-    }
+    write_pieces(&fs, e.ino, h.fh, &data).await;
     assert_eq!(fs.fsync(e.ino, h.fh).await, Err(FsError::IO));
     assert!(commits.load(Ordering::SeqCst) >= 1);
     assert!(
@@ -566,10 +580,7 @@ async fn a_failed_commit_keeps_the_data_for_the_next_fsync() {
         "the second fsync did not commit again"
     );
     assert!(!fs.writeback().has_pending(e.ino));
-    fs.flush(e.ino, h.fh).await.unwrap();
-    fs.release(&who, e.ino, h.fh).await.unwrap();
-    assert_eq!(std::fs::read(on_disk.join("f")).unwrap(), data);
-    std::fs::remove_dir_all(on_disk).unwrap();
+    close_and_check(&fs, e.ino, h.fh, &on_disk, &data).await;
 }
 
 /// NFS3ERR_JUKEBOX says the server did nothing and is busy with the file
@@ -609,12 +620,7 @@ async fn a_busy_server_is_asked_again() {
         .await
         .unwrap();
     let data = content(3 << 20);
-    const PIECE: usize = 128 << 10;
-    for (i, piece) in data.chunks(PIECE).enumerate() {
-        fs.write(&who, e.ino, h.fh, (i * PIECE) as u64, piece.to_vec())
-            .await
-            .unwrap();
-    }
+    write_pieces(&fs, e.ino, h.fh, &data).await;
     fs.fsync(e.ino, h.fh)
         .await
         .expect("fsync after JUKEBOX replies");
@@ -624,10 +630,7 @@ async fn a_busy_server_is_asked_again() {
         writes.load(Ordering::SeqCst) > chunks,
         "WRITE not sent again"
     );
-    fs.flush(e.ino, h.fh).await.unwrap();
-    fs.release(&who, e.ino, h.fh).await.unwrap();
-    assert_eq!(std::fs::read(on_disk.join("f")).unwrap(), data);
-    std::fs::remove_dir_all(on_disk).unwrap();
+    close_and_check(&fs, e.ino, h.fh, &on_disk, &data).await;
 }
 
 /// A server that lists names no local file can have ('/' in them here) gets
@@ -840,10 +843,7 @@ async fn a_commit_outlives_another_descriptors_close() {
         2,
         "the data was not committed again"
     );
-    fs.flush(e.ino, writer.fh).await.unwrap();
-    fs.release(&who, e.ino, writer.fh).await.unwrap();
-    assert_eq!(std::fs::read(on_disk.join("f")).unwrap(), data);
-    std::fs::remove_dir_all(on_disk).unwrap();
+    close_and_check(&fs, e.ino, writer.fh, &on_disk, &data).await;
 }
 
 /// After the server's write verifier changes (a restart that lost what it
