@@ -642,5 +642,12 @@ async fn plugin_default_mount_options_apply_and_are_validated() {
         tonic::Code::InvalidArgument,
         "CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS",
     );
+    // Said at start as well, where the operator enabling the plugin sees it.
+    let log = p.log_text();
+    let at_start = log
+        .lines()
+        .take_while(|l| !l.contains("CSI plugin listening"))
+        .any(|l| l.contains("invalid plugin setting") && l.contains("frobnicate"));
+    assert!(at_start, "{log}");
     delete(&p, &vol.volume_id).await.unwrap();
 }

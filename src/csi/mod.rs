@@ -184,6 +184,16 @@ pub async fn serve(cfg: PluginConfig) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating our own executable")?;
     let listener = bind(&path, cfg.socket_mode)?;
     let supervisor = supervisor::Supervisor::start(exe);
+    // Refused again at every NodePublish (INVALID_ARGUMENT naming it); said
+    // at start too, where `docker plugin enable` shows it to the operator.
+    if let Ok(o) = std::env::var("CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS")
+        && let Err(e) = params::check_mount_options("CSI_NFS_FUSE_DEFAULT_MOUNT_OPTIONS", &o)
+    {
+        tracing::error!(
+            error = %e.message(),
+            "invalid plugin setting: every NodePublish will be refused until it is fixed"
+        );
+    }
     info!(
         socket = %path.display(), node_id = %node_id, driver = identity::DRIVER_NAME,
         version = identity::DRIVER_VERSION, "CSI plugin listening"
