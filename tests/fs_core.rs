@@ -745,6 +745,54 @@ async fn entries_left_for_the_next_readdirplus_stay_usable() {
     std::fs::remove_dir_all(on_disk).unwrap();
 }
 
+/// A server that no longer knows a listing's cookie (NFS3ERR_BAD_COOKIE:
+/// the directory changed, the server restarted) does not fail the listing:
+/// it starts again from the top and goes on after the last entry handed
+/// out, as the kernel client does, so every name still comes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_cookie_restarts_the_listing_where_it_was() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const READDIRPLUS: u32 = 17;
+    const NFS3ERR_BAD_COOKIE: u32 = 10003;
+    let Some(g) = ganesha() else { return };
+    let (on_disk, rel) = g.test_dir("badcookie");
+    for i in 0..1500 {
+        std::fs::write(on_disk.join(format!("n{i:04}")), b"").unwrap();
+    }
+    let calls = Arc::new(AtomicU64::new(0));
+    let seen = calls.clone();
+    let (fs, top) = ganesha_fs(&g, &rel, move |procedure| {
+        // The second page's call: its cookie is not 0.
+        if procedure == READDIRPLUS && seen.fetch_add(1, Ordering::SeqCst) == 1 {
+            Fault::Fail(NFS3ERR_BAD_COOKIE)
+        } else {
+            Fault::Pass
+        }
+    })
+    .await;
+    let who = Caller::root();
+    let h = fs.opendir(top).unwrap();
+    let mut names = Vec::new();
+    let mut offset = 0;
+    loop {
+        let items = fs.readdir(&who, h, offset, true).await.unwrap();
+        let Some(last) = items.last() else { break };
+        offset = last.offset;
+        names.extend(items.iter().map(|i| i.name.to_vec()));
+    }
+    fs.releasedir(h);
+    assert!(
+        calls.load(Ordering::SeqCst) >= 3,
+        "the cookie was never refused"
+    );
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "a name was listed twice");
+    assert_eq!(names.len(), 1502, "1,500 names plus . and ..");
+    std::fs::remove_dir_all(on_disk).unwrap();
+}
+
 /// Unlinking the names of an open file: a name with another link beside it
 /// is simply removed (the file lives on through the other), the last one is
 /// renamed to a `.nfs` name until the last close, and that close removes

@@ -47,6 +47,9 @@ fn is_dot(name: &[u8]) -> bool {
 /// page) holds even of one-letter names.
 const REPLY_ITEMS_MAX: usize = 256;
 
+/// A fetched listing page: usable items, cookie verifier, eof, last cookie.
+type DirPage = (Vec<DirItem>, CookieVerf, bool, Option<u64>);
+
 /// Longest name FUSE passes in a directory listing (FUSE_NAME_MAX).
 const FUSE_NAME_MAX: usize = 1024;
 
@@ -1675,7 +1678,8 @@ impl NfsFs {
 
     /// One READDIR(PLUS) page from `cookie`: its usable items, the new
     /// cookie verifier, eof, and the last cookie the server sent (to go on
-    /// from when every name had to be left out).
+    /// from when every name had to be left out). None when the server no
+    /// longer knows the cookie (NFS3ERR_BAD_COOKIE).
     async fn fetch_dir_page(
         &self,
         cred: &Credential,
@@ -1684,7 +1688,10 @@ impl NfsFs {
         cookie: u64,
         verf: CookieVerf,
         plus: bool,
-    ) -> Result<(Vec<DirItem>, CookieVerf, bool, Option<u64>), FsError> {
+    ) -> Result<Option<DirPage>, FsError> {
+        let lost = |f: &crate::nfs::Failure<_>| {
+            f.status() == Some(nfs3_types::nfs3::nfsstat3::NFS3ERR_BAD_COOKIE)
+        };
         let dtpref = self.session.fsinfo.dtpref.clamp(4096, 64 << 10);
         let listed = |names: &mut dyn Iterator<Item = &[u8]>| {
             // Every name the server sent, usable or not: one we did not know
@@ -1699,7 +1706,11 @@ impl NfsFs {
             let page = self
                 .nfs
                 .readdirplus(cred, dir, cookie, verf, dtpref, dtpref * 4)
-                .await?;
+                .await;
+            let page = match page {
+                Err(f) if lost(&f) => return Ok(None),
+                other => other?,
+            };
             if let Some(a) = page.dir_attr {
                 self.inodes.update_attr(ino, &a, sent);
             }
@@ -1749,9 +1760,12 @@ impl NfsFs {
                     item.entry = Some(entry);
                 }
             }
-            Ok((items, page.cookieverf, page.eof, last))
+            Ok(Some((items, page.cookieverf, page.eof, last)))
         } else {
-            let page = self.nfs.readdir(cred, dir, cookie, verf, dtpref).await?;
+            let page = match self.nfs.readdir(cred, dir, cookie, verf, dtpref).await {
+                Err(f) if lost(&f) => return Ok(None),
+                other => other?,
+            };
             listed(&mut page.entries.iter().map(|e| e.name.as_ref()));
             let last = page.entries.last().map(|e| e.cookie);
             let items = listable(ino, page.entries, |e| &e.name)
@@ -1764,7 +1778,7 @@ impl NfsFs {
                     entry: None,
                 })
                 .collect();
-            Ok((items, page.cookieverf, page.eof, last))
+            Ok(Some((items, page.cookieverf, page.eof, last)))
         }
     }
 
@@ -1854,10 +1868,53 @@ impl NfsFs {
         // directory: an empty reply would tell the kernel it is.
         let (mut cookie, mut verf) = (offset, verf);
         let mut skipped_pages = 0;
+        // Set when the server lost our place: the offset to go on after,
+        // looked for from the top of the listing.
+        let mut resume_after: Option<u64> = None;
         let (items, new_verf, eof) = loop {
-            let (items, new_verf, eof, last) = self
+            let Some((mut items, new_verf, eof, last)) = self
                 .fetch_dir_page(&cred, ino, &dir, cookie, verf, plus)
-                .await?;
+                .await?
+            else {
+                // The directory changed under the listing (or the server
+                // restarted) and its cookie is gone. Like the kernel
+                // client, start again from the top and go on after the
+                // entry the kernel saw last; the kernel client ends the
+                // listing when that fails, and so do we.
+                if cookie == 0 || resume_after.is_some() {
+                    tracing::warn!(
+                        dir = ino,
+                        "server refused the listing's cookie again; ending it here"
+                    );
+                    return Ok(Vec::new());
+                }
+                tracing::warn!(
+                    dir = ino,
+                    cookie,
+                    "server lost the listing's place (BAD_COOKIE); finding it again from the top"
+                );
+                resume_after = Some(offset);
+                (cookie, verf) = (0, CookieVerf::default());
+                continue;
+            };
+            if let Some(after) = resume_after {
+                let seen = items.iter().position(|i| i.offset == after);
+                let before: Vec<DirItem> = match seen {
+                    Some(p) => items.drain(..=p).collect(),
+                    None => std::mem::take(&mut items),
+                };
+                self.drop_unclaimed(&before);
+                match (seen, last) {
+                    (Some(_), _) => resume_after = None,
+                    (None, Some(last)) if !eof => {
+                        (cookie, verf) = (last, new_verf);
+                        continue;
+                    }
+                    // Gone from the listing: it ends here, as the kernel
+                    // client's does.
+                    (None, _) => return Ok(Vec::new()),
+                }
+            }
             match last {
                 Some(last) if items.is_empty() && !eof => {
                     // A server that never moves on must not keep us here.
