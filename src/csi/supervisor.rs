@@ -831,10 +831,17 @@ impl Supervisor {
             if let Err(e) = detach(&target) {
                 warn!(target = %target.display(), error = %e.message(), "could not detach the dead mount");
             }
+            // Removed after a failed attempt (below): made again to mount on.
+            let _ = std::fs::create_dir(&target);
             match self.spawn_into(&target, spec, failures.max(1)).await {
                 Ok(()) => info!(target = %target.display(), "mount process restarted"),
                 Err(e) => {
-                    warn!(target = %target.display(), code = ?e.code(), error = %e.message(), "restarting the mount process failed; will retry")
+                    warn!(target = %target.display(), code = ?e.code(), error = %e.message(), "restarting the mount process failed; will retry");
+                    // The server answered the probe but the mount failed:
+                    // no bare directory is left for a task to bind and
+                    // write to on this node's disk (a missing one fails the
+                    // bind loudly), as at plugin shutdown.
+                    let _ = std::fs::remove_dir(&target);
                 }
             }
         }
@@ -849,7 +856,6 @@ impl Supervisor {
     }
 }
 
-/// Reads the child's readiness line (or EOF) within `limit`.
 /// Whether `spec`'s server answers now (MOUNT of the export, FSINFO), with
 /// the short deadlines of the controller's calls.
 async fn server_answers(spec: &MountSpec) -> Result<(), String> {
@@ -875,6 +881,7 @@ async fn server_answers(spec: &MountSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads the child's readiness line (or EOF) within `limit`.
 async fn read_ready(rd: OwnedFd, limit: Duration) -> io::Result<String> {
     let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(rd)?;
     let mut buf = Vec::new();

@@ -1864,13 +1864,23 @@ impl NfsFs {
         } else {
             verf
         };
-        // A page whose every name had to be left out is not the end of the
-        // directory: an empty reply would tell the kernel it is.
         let (mut cookie, mut verf) = (offset, verf);
         let mut skipped_pages = 0;
         // Set when the server lost our place: the offset to go on after,
-        // looked for from the top of the listing.
+        // looked for from the top of the listing (once per call).
         let mut resume_after: Option<u64> = None;
+        let mut restarted = false;
+        // Entries read on the way to it, dropped once the page is stored.
+        let mut read_past: Vec<DirItem> = Vec::new();
+        // A server that never moves on must not keep us here.
+        let mut advance = |last: u64, cookie: u64| {
+            skipped_pages += 1;
+            if last == cookie || skipped_pages > 1000 {
+                tracing::warn!(dir = ino, cookie, "server's listing does not advance");
+                return Err(FsError::IO);
+            }
+            Ok(())
+        };
         let (items, new_verf, eof) = loop {
             let Some((mut items, new_verf, eof, last)) = self
                 .fetch_dir_page(&cred, ino, &dir, cookie, verf, plus)
@@ -1881,11 +1891,12 @@ impl NfsFs {
                 // client, start again from the top and go on after the
                 // entry the kernel saw last; the kernel client ends the
                 // listing when that fails, and so do we.
-                if cookie == 0 || resume_after.is_some() {
+                if cookie == 0 || restarted {
                     tracing::warn!(
                         dir = ino,
                         "server refused the listing's cookie again; ending it here"
                     );
+                    self.drop_unclaimed(&read_past);
                     return Ok(Vec::new());
                 }
                 tracing::warn!(
@@ -1893,36 +1904,37 @@ impl NfsFs {
                     cookie,
                     "server lost the listing's place (BAD_COOKIE); finding it again from the top"
                 );
-                resume_after = Some(offset);
+                restarted = true;
+                resume_after = (offset != 0).then_some(offset);
                 (cookie, verf) = (0, CookieVerf::default());
                 continue;
             };
             if let Some(after) = resume_after {
                 let seen = items.iter().position(|i| i.offset == after);
-                let before: Vec<DirItem> = match seen {
-                    Some(p) => items.drain(..=p).collect(),
-                    None => std::mem::take(&mut items),
-                };
-                self.drop_unclaimed(&before);
+                match seen {
+                    Some(p) => read_past.extend(items.drain(..=p)),
+                    None => read_past.append(&mut items),
+                }
                 match (seen, last) {
                     (Some(_), _) => resume_after = None,
                     (None, Some(last)) if !eof => {
+                        advance(last, cookie)?;
                         (cookie, verf) = (last, new_verf);
                         continue;
                     }
                     // Gone from the listing: it ends here, as the kernel
                     // client's does.
-                    (None, _) => return Ok(Vec::new()),
+                    (None, _) => {
+                        self.drop_unclaimed(&read_past);
+                        return Ok(Vec::new());
+                    }
                 }
             }
             match last {
+                // A page whose every name had to be left out (or that held
+                // only what the kernel has seen) is not the end.
                 Some(last) if items.is_empty() && !eof => {
-                    // A server that never moves on must not keep us here.
-                    skipped_pages += 1;
-                    if last == cookie || skipped_pages > 1000 {
-                        tracing::warn!(dir = ino, cookie, "server's listing does not advance");
-                        return Err(FsError::IO);
-                    }
+                    advance(last, cookie)?;
                     (cookie, verf) = (last, new_verf);
                 }
                 _ => break (items, new_verf, eof),
@@ -1936,6 +1948,7 @@ impl NfsFs {
         if let Some(old) = replaced {
             self.drop_unclaimed(&old);
         }
+        self.drop_unclaimed(&read_past);
         Ok(items)
     }
 
