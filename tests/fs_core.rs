@@ -519,6 +519,23 @@ async fn close_and_check(fs: &NfsFs, ino: u64, fh: u64, on_disk: &std::path::Pat
     std::fs::remove_dir_all(on_disk).unwrap();
 }
 
+/// Every name in directory `dir`, listed as the kernel lists: from each
+/// answer's last offset until one comes back empty.
+async fn list_all(fs: &NfsFs, dir: u64, plus: bool) -> Vec<Vec<u8>> {
+    let who = Caller::root();
+    let h = fs.opendir(dir).unwrap();
+    let mut names = Vec::new();
+    let mut offset = 0;
+    loop {
+        let items = fs.readdir(&who, h, offset, plus).await.unwrap();
+        let Some(last) = items.last() else { break };
+        offset = last.offset;
+        names.extend(items.iter().map(|i| i.name.to_vec()));
+    }
+    fs.releasedir(h);
+    names
+}
+
 /// Writes `data` from offset 0 in 128 KiB pieces, as the kernel sends a
 /// large write(2), as root.
 async fn write_pieces(fs: &NfsFs, ino: u64, fh: u64, data: &[u8]) {
@@ -665,19 +682,8 @@ async fn listed_names_with_a_slash_are_left_out() {
         }
     })
     .await;
-    let who = Caller::root();
     for plus in [true, false] {
-        let h = fs.opendir(top).unwrap();
-        // As the kernel lists: from each reply's last offset until one is empty.
-        let mut names: Vec<Vec<u8>> = Vec::new();
-        let mut offset = 0;
-        loop {
-            let items = fs.readdir(&who, h, offset, plus).await.unwrap();
-            let Some(last) = items.last() else { break };
-            offset = last.offset;
-            names.extend(items.iter().map(|i| i.name.to_vec()));
-        }
-        fs.releasedir(h);
+        let names = list_all(&fs, top, plus).await;
         for name in good {
             assert!(
                 names.iter().any(|n| n == name.as_bytes()),
@@ -770,17 +776,7 @@ async fn a_lost_cookie_restarts_the_listing_where_it_was() {
         }
     })
     .await;
-    let who = Caller::root();
-    let h = fs.opendir(top).unwrap();
-    let mut names = Vec::new();
-    let mut offset = 0;
-    loop {
-        let items = fs.readdir(&who, h, offset, true).await.unwrap();
-        let Some(last) = items.last() else { break };
-        offset = last.offset;
-        names.extend(items.iter().map(|i| i.name.to_vec()));
-    }
-    fs.releasedir(h);
+    let names = list_all(&fs, top, true).await;
     assert!(
         calls.load(Ordering::SeqCst) >= 3,
         "the cookie was never refused"
