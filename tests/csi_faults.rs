@@ -488,6 +488,14 @@ async fn a_mount_that_dies_during_an_outage_is_not_replaced_by_a_bare_directory(
         written.is_err(),
         "a write during the outage succeeded on the node's disk"
     );
+    // A CO's NodePublish retry meanwhile is told the server is unavailable
+    // and leaves the dead mount in place too.
+    assert_code(
+        publish(&p, &vol, &t, false).await,
+        tonic::Code::Unavailable,
+        "",
+    );
+    assert!(is_mounted(&t), "NodePublish detached the dead mount");
 
     g.restart();
     let restored = eventually(Duration::from_secs(60), || {

@@ -450,6 +450,9 @@ impl Supervisor {
                 detach(target)?;
             }
             Some((_, None)) => {
+                // As in the restart loop: the dead mount (ENOTCONN on every
+                // access) stays until the server answers.
+                server_answers(&spec).await?;
                 info!(target = %target.display(), "mount process is gone; remounting");
                 detach(target)?;
             }
@@ -818,10 +821,10 @@ impl Supervisor {
             // target would be a bare directory that a new task binds and
             // writes to on this node's disk.
             if let Err(why) = server_answers(&spec).await {
-                warn!(target = %target.display(), error = %why, "server still unreachable; the dead mount stays until it answers");
+                warn!(target = %target.display(), error = %why.message(), "server still unreachable; the dead mount stays until it answers");
                 if let Some(e) = self.entries.lock().get_mut(&target) {
                     e.state = State::Dead {
-                        reason: why,
+                        reason: why.message().to_string(),
                         retry_at: Instant::now() + restart_delay(failures),
                     };
                     e.failures = failures + 1;
@@ -857,14 +860,15 @@ impl Supervisor {
 }
 
 /// Whether `spec`'s server answers now (MOUNT of the export, FSINFO), with
-/// the short deadlines of the controller's calls.
-async fn server_answers(spec: &MountSpec) -> Result<(), String> {
+/// the short deadlines of the controller's calls; if not, why, as the
+/// gRPC status NodePublish gives (UNAVAILABLE for an unreachable server).
+async fn server_answers(spec: &MountSpec) -> Result<(), Status> {
     use crate::options::{MountOptions, NfsSource};
     use crate::rpc::{AuthSys, Credential};
-    let source = NfsSource::parse(&spec.source).map_err(|e| e.to_string())?;
-    let opts = MountOptions::parse(&spec.options).map_err(|e| e.to_string())?;
+    let source = NfsSource::parse(&spec.source).map_err(|e| errors::invalid(e.to_string()))?;
+    let opts = MountOptions::parse(&spec.options).map_err(|e| errors::invalid(e.to_string()))?;
     let mut cfg = opts.connect_config();
-    cfg.port = source.port.or(cfg.port);
+    cfg.port = cfg.port.or(source.port);
     cfg.rpc.hard = false;
     cfg.rpc.timeo = Duration::from_secs(3);
     cfg.rpc.retrans = 1;
@@ -876,7 +880,7 @@ async fn server_answers(spec: &MountSpec) -> Result<(), String> {
     let cred = Credential::Sys(AuthSys::new(0, 0, vec![], me.machine_name));
     let sess = crate::nfs::session::connect(&source.host, &source.path, &cfg, &cred)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| errors::from_connect(&e))?;
     let _ = tokio::time::timeout(Duration::from_secs(3), sess.unmount(&cred)).await;
     Ok(())
 }
