@@ -89,18 +89,18 @@ pub fn check_capability(cap: &VolumeCapability) -> Result<(), Status> {
 }
 
 /// The controller's NFS identity: root, so it can create and delete any
-/// volume directory the export lets root touch.
-fn root_cred() -> Credential {
+/// volume directory the export lets root touch (also the supervisor's
+/// probe of a dead mount's server).
+pub(super) fn root_cred() -> Credential {
     let me = AuthSys::current_process();
     Credential::Sys(AuthSys::new(0, 0, vec![], me.machine_name))
 }
 
 /// Short soft timeouts: an unreachable server must fail the call within a
-/// few seconds (Swarm gives each volume call 15 s), never hang it.
-fn controller_config(opts: &MountOptions, v: &VolumeRef) -> ConnectConfig {
+/// few seconds (Swarm gives each volume call 15 s), never hang it. Also
+/// the supervisor's probe of a dead mount's server.
+pub(super) fn quick_config(opts: &MountOptions) -> ConnectConfig {
     let mut cfg = opts.connect_config();
-    cfg.port = v.port.or(cfg.port);
-    cfg.mountport = v.mountport.or(cfg.mountport);
     cfg.rpc.hard = false;
     cfg.rpc.timeo = opts.timeo.min(Duration::from_secs(4));
     cfg.rpc.retrans = 1;
@@ -108,6 +108,14 @@ fn controller_config(opts: &MountOptions, v: &VolumeRef) -> ConnectConfig {
     cfg.rpc.fail_fast_connect = true;
     cfg.rpc.connect_timeout = Duration::from_secs(3);
     cfg.handshake_timeout = Duration::from_secs(5);
+    cfg
+}
+
+/// [`quick_config`] with the ports the volume id records.
+fn controller_config(opts: &MountOptions, v: &VolumeRef) -> ConnectConfig {
+    let mut cfg = quick_config(opts);
+    cfg.port = v.port.or(cfg.port);
+    cfg.mountport = v.mountport.or(cfg.mountport);
     cfg
 }
 

@@ -863,21 +863,13 @@ impl Supervisor {
 /// the short deadlines of the controller's calls; if not, why, as the
 /// gRPC status NodePublish gives (UNAVAILABLE for an unreachable server).
 async fn server_answers(spec: &MountSpec) -> Result<(), Status> {
+    use super::controller::{quick_config, root_cred};
     use crate::options::{MountOptions, NfsSource};
-    use crate::rpc::{AuthSys, Credential};
     let source = NfsSource::parse(&spec.source).map_err(|e| errors::invalid(e.to_string()))?;
     let opts = MountOptions::parse(&spec.options).map_err(|e| errors::invalid(e.to_string()))?;
-    let mut cfg = opts.connect_config();
+    let mut cfg = quick_config(&opts);
     cfg.port = cfg.port.or(source.port);
-    cfg.rpc.hard = false;
-    cfg.rpc.timeo = Duration::from_secs(3);
-    cfg.rpc.retrans = 1;
-    cfg.rpc.nconnect = 1;
-    cfg.rpc.fail_fast_connect = true;
-    cfg.rpc.connect_timeout = Duration::from_secs(3);
-    cfg.handshake_timeout = Duration::from_secs(5);
-    let me = AuthSys::current_process();
-    let cred = Credential::Sys(AuthSys::new(0, 0, vec![], me.machine_name));
+    let cred = root_cred();
     let sess = crate::nfs::session::connect(&source.host, &source.path, &cfg, &cred)
         .await
         .map_err(|e| errors::from_connect(&e))?;

@@ -488,8 +488,10 @@ impl NfsFs {
     }
 
     /// The entry for `name` in `parent` after LOOKUP, CREATE, MKDIR, LINK…:
-    /// fetches the attributes if the reply came without them, counts one
-    /// kernel lookup and remembers the name.
+    /// fetches the attributes if the reply came without them, counts
+    /// `lookups` kernel lookups (one for a reply the kernel gets now) and
+    /// remembers the name.
+    #[allow(clippy::too_many_arguments)]
     async fn named_entry(
         &self,
         cred: &Credential,
@@ -498,6 +500,7 @@ impl NfsFs {
         fh: &FileHandle,
         attr: Option<Fattr>,
         seen: Observed,
+        lookups: u64,
     ) -> Result<Entry, FsError> {
         let (attr, seen) = match attr {
             Some(a) => (a, seen),
@@ -506,7 +509,7 @@ impl NfsFs {
                 (self.nfs.getattr(cred, fh).await?.attr, Observed::Since(t))
             }
         };
-        let e = self.entry_for(fh, &attr, 1, seen);
+        let e = self.entry_for(fh, &attr, lookups, seen);
         self.note_dentry(parent, name, e.ino);
         Ok(e)
     }
@@ -671,7 +674,7 @@ impl NfsFs {
         if let Some(d) = ok.dir_attr {
             self.inodes.update_attr(parent, &d, sent);
         }
-        self.named_entry(&cred, parent, name, &ok.fh, ok.attr, sent)
+        self.named_entry(&cred, parent, name, &ok.fh, ok.attr, sent, 1)
             .await
     }
 
@@ -942,7 +945,7 @@ impl NfsFs {
             Some(fh) => fh,
             None => self.nfs.lookup(&cred, dir, name).await?.fh,
         };
-        self.named_entry(&cred, parent, name, &fh, ok.attr, Observed::Changed)
+        self.named_entry(&cred, parent, name, &fh, ok.attr, Observed::Changed, 1)
             .await
     }
 
@@ -1054,8 +1057,16 @@ impl NfsFs {
             .await
             .inspect_err(|_| self.unsure_of(&[newparent]))?;
         self.update_dir(newparent, &ok.dir_wcc, &[DirChange::Added(newname)]);
-        self.named_entry(&cred, newparent, newname, &fh, ok.attr, Observed::Changed)
-            .await
+        self.named_entry(
+            &cred,
+            newparent,
+            newname,
+            &fh,
+            ok.attr,
+            Observed::Changed,
+            1,
+        )
+        .await
     }
 
     /// If `name` in `dir` is a file we hold open, renames it to a hidden
@@ -1377,7 +1388,7 @@ impl NfsFs {
         // No wcc for our own change: what the directory holds is known again
         // only after the next listing.
         self.unsure_of(&[parent]);
-        self.named_entry(&cred, parent, name, &found.fh, found.attr, sent)
+        self.named_entry(&cred, parent, name, &found.fh, found.attr, sent, 1)
             .await
     }
 
@@ -1720,9 +1731,7 @@ impl NfsFs {
                 .into_iter()
                 .map(|e| {
                     let entry = match (&e.fh, &e.attr) {
-                        (Some(fh), Some(a))
-                            if e.name.as_ref() != b"." && e.name.as_ref() != b".." =>
-                        {
+                        (Some(fh), Some(a)) if !is_dot(&e.name) => {
                             let entry = self.entry_for(fh, a, 0, sent);
                             self.note_dentry(ino, &e.name, entry.ino);
                             Some(entry)
@@ -1746,17 +1755,14 @@ impl NfsFs {
                 .iter_mut()
                 .filter(|i| i.entry.is_none() && !is_dot(&i.name))
             {
+                let seen = Observed::Since(self.inodes.stamp());
                 let Ok(found) = self.nfs.lookup(cred, dir, &item.name).await else {
                     continue;
                 };
-                let attr = match found.attr {
-                    Some(a) => Some(a),
-                    None => self.nfs.getattr(cred, &found.fh).await.ok().map(|g| g.attr),
-                };
-                if let Some(a) = attr {
-                    let entry = self.entry_for(&found.fh, &a, 0, sent);
-                    self.note_dentry(ino, &item.name, entry.ino);
-                    item.kind = a.ftype;
+                // No kernel lookup counted: claim_listed counts what goes out.
+                let named = self.named_entry(cred, ino, &item.name, &found.fh, found.attr, seen, 0);
+                if let Ok(entry) = named.await {
+                    item.kind = entry.attr.ftype;
                     item.entry = Some(entry);
                 }
             }
@@ -1789,6 +1795,9 @@ impl NfsFs {
     /// hundreds, and the rest go out from the cached page, by inode number,
     /// in the next calls.
     fn drop_unclaimed(&self, page: &[DirItem]) {
+        if page.iter().all(|i| i.entry.is_none()) {
+            return;
+        }
         // Held throughout, so no page can be stored meanwhile and list an
         // entry dropped here.
         let dirs = self.dirs.lock();
@@ -1859,18 +1868,17 @@ impl NfsFs {
         }
         let dir = self.fh(ino)?;
         let cred = self.cred(c);
-        let verf = if offset == 0 {
-            CookieVerf::default()
-        } else {
-            verf
+        let (mut cookie, mut verf) = match offset {
+            0 => (0, CookieVerf::default()),
+            _ => (offset, verf),
         };
-        let (mut cookie, mut verf) = (offset, verf);
         let mut skipped_pages = 0;
         // Set when the server lost our place: the offset to go on after,
         // looked for from the top of the listing (once per call).
         let mut resume_after: Option<u64> = None;
         let mut restarted = false;
-        // Entries read on the way to it, dropped once the page is stored.
+        // Entries read on the way to it, with the page this one replaces:
+        // dropped once this page is stored.
         let mut read_past: Vec<DirItem> = Vec::new();
         // A server that never moves on must not keep us here.
         let mut advance = |last: u64, cookie: u64| {
@@ -1945,9 +1953,7 @@ impl NfsFs {
             s.eof = eof;
             std::mem::replace(&mut s.page, items.clone())
         });
-        if let Some(old) = replaced {
-            self.drop_unclaimed(&old);
-        }
+        read_past.extend(replaced.into_iter().flatten());
         self.drop_unclaimed(&read_past);
         Ok(items)
     }

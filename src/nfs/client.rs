@@ -189,40 +189,43 @@ impl NfsClient {
         cred: &Credential,
         args: &A,
     ) -> NfsResult<T, F> {
-        let mut busy = None;
+        self.send(proc, || {
+            self.rpc.call(NFS_PROGRAM, NFS_VERSION, proc, cred, args)
+        })
+        .await
+    }
+
+    /// Sends a call with `send` and decodes its result; a call the server
+    /// answers with NFS3ERR_JUKEBOX is sent again after a pause (see
+    /// [`ServerBusy`]).
+    async fn send<T: Decode, F: Decode, Fut>(
+        &self,
+        proc: u32,
+        mut send: impl FnMut() -> Fut,
+    ) -> NfsResult<T, F>
+    where
+        Fut: std::future::Future<Output = Result<crate::rpc::XdrReader, RpcError>>,
+    {
+        let mut busy: Option<ServerBusy> = None;
         loop {
             self.count(proc);
-            let mut r = self
-                .rpc
-                .call(NFS_PROGRAM, NFS_VERSION, proc, cred, args)
-                .await?;
-            let result = decode_result(&mut r);
-            if !self.again_if_busy(&result, &mut busy, proc).await {
+            let result = decode_result(&mut send().await?);
+            let jukebox = matches!(
+                result,
+                Err(Failure::Nfs {
+                    status: nfsstat3::NFS3ERR_JUKEBOX,
+                    ..
+                })
+            );
+            if !jukebox
+                || !busy
+                    .get_or_insert_with(|| ServerBusy::new(self.rpc.config()))
+                    .pause(proc)
+                    .await
+            {
                 return result;
             }
         }
-    }
-
-    /// After an NFS3ERR_JUKEBOX reply, waits and says whether to send the
-    /// call again; see [`ServerBusy`].
-    async fn again_if_busy<T, F>(
-        &self,
-        result: &NfsResult<T, F>,
-        busy: &mut Option<ServerBusy>,
-        proc: u32,
-    ) -> bool {
-        if !matches!(
-            result,
-            Err(Failure::Nfs {
-                status: nfsstat3::NFS3ERR_JUKEBOX,
-                ..
-            })
-        ) {
-            return false;
-        }
-        busy.get_or_insert_with(|| ServerBusy::new(self.rpc.config()))
-            .pause(proc)
-            .await
     }
 
     pub async fn null(&self, cred: &Credential) -> Result<(), RpcError> {
@@ -356,18 +359,11 @@ impl NfsClient {
             count: data.len() as u32,
             stable: stable.to_nfs(),
         };
-        let mut busy = None;
-        loop {
-            self.count(7);
-            let mut r = self
-                .rpc
+        self.send(7, || {
+            self.rpc
                 .call_with_opaque((NFS_PROGRAM, NFS_VERSION, 7), cred, &head, data.clone())
-                .await?;
-            let result = decode_result(&mut r);
-            if !self.again_if_busy(&result, &mut busy, 7).await {
-                return result;
-            }
-        }
+        })
+        .await
     }
 
     pub async fn create(

@@ -150,9 +150,12 @@ impl CallBody {
     }
 }
 
+/// Where a call's outcome goes: its reply record, or why it has none.
+type ReplySender = oneshot::Sender<Result<Bytes, RpcError>>;
+
 struct Pending {
     payload: CallBody,
-    reply: Option<oneshot::Sender<Result<Bytes, RpcError>>>,
+    reply: Option<ReplySender>,
     /// Connection generation this call was last written on (0: never).
     sent_gen: u64,
     /// Write again even if already written on this generation (a retransmit).
@@ -815,15 +818,11 @@ async fn read_replies(mut rd: OwnedReadHalf, shared: Arc<ConnShared>, max_record
                 Err(RpcError::RecordTooLarge { len, max }) => {
                     // The same call would get the same reply after the
                     // reconnect: it fails now, the others are sent again.
-                    if let Some(xid) = decoder.record_xid(&buf) {
-                        let waiter = shared
-                            .pending
-                            .lock()
-                            .remove(&xid)
-                            .and_then(|mut p| p.reply.take());
-                        if let Some(tx) = waiter {
-                            let _ = tx.send(Err(RpcError::RecordTooLarge { len, max }));
-                        }
+                    if let Some(tx) = decoder
+                        .record_xid(&buf)
+                        .and_then(|x| take_waiter(&shared, x))
+                    {
+                        let _ = tx.send(Err(RpcError::RecordTooLarge { len, max }));
                     }
                     return RpcError::RecordTooLarge { len, max }.to_string();
                 }
@@ -854,18 +853,22 @@ async fn read_replies(mut rd: OwnedReadHalf, shared: Arc<ConnShared>, max_record
     }
 }
 
+/// Takes call `xid` off the pending list: whoever waits for its outcome.
+fn take_waiter(shared: &ConnShared, xid: u32) -> Option<ReplySender> {
+    shared
+        .pending
+        .lock()
+        .remove(&xid)
+        .and_then(|mut p| p.reply.take())
+}
+
 fn route_reply(shared: &ConnShared, record: Bytes) {
     if record.len() < 4 {
         debug!(server = %shared.addr, "ignoring a reply record shorter than an XID");
         return;
     }
     let xid = u32::from_be_bytes([record[0], record[1], record[2], record[3]]);
-    let waiter = shared
-        .pending
-        .lock()
-        .remove(&xid)
-        .and_then(|mut p| p.reply.take());
-    match waiter {
+    match take_waiter(shared, xid) {
         Some(tx) => {
             shared.stats.replies.fetch_add(1, Ordering::Relaxed);
             let _ = tx.send(Ok(record));
