@@ -452,19 +452,7 @@ async fn a_mount_that_dies_during_an_outage_is_not_replaced_by_a_bare_directory(
         return;
     };
     let p = Plugin::start(&[]).await;
-    let opts = format!("{},soft,timeo=10,retrans=1", g.mount_opts());
-    let vol = create(
-        &p,
-        "outage",
-        kv(&[
-            ("server", "127.0.0.1"),
-            ("share", &g.export_path),
-            ("subDir", "vol"),
-            ("mountOptions", &opts),
-        ]),
-    )
-    .await
-    .unwrap();
+    let vol = create(&p, "outage", soft_named_params(&g)).await.unwrap();
     let t = p.target("outage");
     publish(&p, &vol, &t, false).await.unwrap();
     write_read(&t, "before", b"before the outage").await;

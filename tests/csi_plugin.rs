@@ -1023,19 +1023,7 @@ async fn each_mount_has_its_own_channel() {
         return;
     };
     let p = Plugin::start(&[]).await;
-    let opts = format!("{},soft,timeo=10,retrans=1", g2.mount_opts());
-    let doomed = create(
-        &p,
-        "doomed",
-        kv(&[
-            ("server", "127.0.0.1"),
-            ("share", &g2.export_path),
-            ("subDir", "vol"),
-            ("mountOptions", &opts),
-        ]),
-    )
-    .await
-    .unwrap();
+    let doomed = create(&p, "doomed", soft_named_params(&g2)).await.unwrap();
     let healthy = create(&p, &unique("healthy"), ganesha_params(&g, &[]))
         .await
         .unwrap();

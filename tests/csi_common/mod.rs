@@ -212,6 +212,18 @@ pub fn ganesha_params(g: &Ganesha, extra: &[(&str, &str)]) -> HashMap<String, St
     p
 }
 
+/// A volume `vol` on a named ganesha that gives up fast when it is gone
+/// (soft, 1 s, one retransmission), for tests that stop that server.
+pub fn soft_named_params(g: &NamedGanesha) -> HashMap<String, String> {
+    let opts = format!("{},soft,timeo=10,retrans=1", g.mount_opts());
+    kv(&[
+        ("server", "127.0.0.1"),
+        ("share", &g.export_path),
+        ("subDir", "vol"),
+        ("mountOptions", &opts),
+    ])
+}
+
 pub fn create_req(name: &str, params: HashMap<String, String>) -> CreateVolumeRequest {
     CreateVolumeRequest {
         name: name.into(),
